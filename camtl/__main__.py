@@ -1,0 +1,5 @@
+import sys
+
+from camtl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,61 @@
+"""``camtl.info()`` / ``camtl info``: versions, backends and their state, the device."""
+
+from __future__ import annotations
+
+import importlib
+import platform
+import sys
+from typing import Any, Dict
+
+
+def _version(module: str) -> str:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "unknown")
+    except Exception as exc:  # not installed, or broken
+        return f"not importable ({type(exc).__name__})"
+
+
+def collect() -> Dict[str, Any]:
+    """Everything ``info`` reports, as a dict."""
+    import torch
+
+    import camtl
+    from camtl.backends import backend_states, requested_backend
+
+    if torch.cuda.is_available():
+        idx = torch.cuda.current_device()
+        cap = torch.cuda.get_device_capability(idx)
+        device = f"cuda:{idx} {torch.cuda.get_device_name(idx)} (sm_{cap[0]}{cap[1]}), CUDA {torch.version.cuda}"
+    else:
+        device = f"cpu ({platform.processor() or platform.machine()}), no CUDA device visible to torch"
+    try:
+        requested = requested_backend()
+    except ValueError as exc:
+        requested = f"invalid: {exc}"
+    return {
+        "camtl": camtl.__version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "device": device,
+        "requested_backend": requested,
+        "backends": {
+            name: {"available": st.available, "reason": st.reason, "ops": list(st.ops)}
+            for name, st in backend_states().items()
+        },
+    }
+
+
+def info(file=None) -> Dict[str, Any]:
+    """Prints versions, the backends with their state (and why any is off), and the device; returns them."""
+    data = collect()
+    out = file if file is not None else sys.stdout
+    for key in ("camtl", "python", "torch", "triton", "transformers", "device"):
+        print(f"{key:<14} {data[key]}", file=out)
+    print(f"{'backend':<14} {data['requested_backend']} (CAMTL_BACKEND / camtl.use_backend)", file=out)
+    print("backends:", file=out)
+    for name, st in data["backends"].items():
+        state = "on " if st["available"] else "off"
+        print(f"  {name:<7} {state}  {st['reason']}", file=out)
+    return data

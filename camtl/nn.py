@@ -1,0 +1,313 @@
+"""Drop-in CA-MTL modules.
+
+Each module keeps the published (CAMTL/CA-MTL, ``src/model/encoders/``)
+constructor arguments, parameter names and initialisation, and forward
+signature and return type, so a published state dict loads with
+``strict=True`` and gives the same outputs. Inside, they call ``camtl.ops``:
+no Python loop over tasks or examples, no per-example ``block_diag``.
+
+    # from src.model.encoders.conditional_modules import FiLM, CBDA, ConditionalLayerNorm, ConditionalBottleNeck
+    from camtl.nn import FiLM, CBDA, ConditionalLayerNorm, ConditionalBottleNeck
+    # MyBertSelfAttention9 / MyBertSelfAttention10
+    from camtl.nn import ConditionalSelfAttention
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from camtl import ops
+from camtl.ops._checks import shape_str
+
+__all__ = ["FiLM", "CBDA", "ConditionalLayerNorm", "ConditionalBottleNeck", "ConditionalSelfAttention",
+           "MyBertSelfAttention9", "MyBertSelfAttention10", "first_row_of_task"]
+
+
+def _check_input(module: str, name: str, t, layout: str, ranks, last: Optional[int], param: torch.Tensor) -> None:
+    """A module input has an allowed rank, the expected last dim, and the parameters' dtype and device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{module}: '{name}' must be a tensor of shape {layout}, got {type(t).__name__}")
+    if t.dim() not in ranks:
+        raise ValueError(f"{module}: '{name}' must have shape {layout}, got shape {shape_str(t.shape)}")
+    if last is not None and t.shape[-1] != last:
+        raise ValueError(f"{module}: '{name}' must have shape {layout} with last dim {last}, "
+                         f"got shape {shape_str(t.shape)}")
+    if t.dtype != param.dtype:
+        raise TypeError(f"{module}: '{name}' has dtype {t.dtype} but the module's parameters are {param.dtype}; "
+                        f"cast one of them (e.g. module.to({t.dtype}))")
+    if t.device != param.device:
+        raise ValueError(f"{module}: '{name}' is on {t.device} but the module's parameters are on {param.device}")
+
+
+def first_row_of_task(task_id: torch.Tensor) -> torch.Tensor:
+    """For each example, the index of the first example of the same task ([B] int64).
+
+    The published ConditionalLayerNorm FiLMs the first ``condition`` row of each
+    task; gathering through this index reproduces that without a loop or a sync.
+    """
+    same = task_id[:, None] == task_id[None, :]
+    return same.to(torch.uint8).argmax(dim=1)  # argmax returns the first maximal index
+
+
+class FiLM(nn.Module):
+    """Feature-wise linear modulation: ``(1 + gamma(x_cond)) * x_to_film + beta(x_cond)``.
+
+    Args (as published):
+        input_size: feature size of x_cond.
+        output_size: feature size of x_to_film.
+        num_film_layers: gamma and beta each have output_size * num_film_layers features.
+        layer_norm: apply ``nn.LayerNorm(output_size)`` to the result.
+    forward(x_cond [B, input_size], x_to_film [B, L, D] | [L, D] | [D]) -> [B, L, D] ([B, 1, D] for [D]).
+    """
+
+    def __init__(self, input_size, output_size, num_film_layers=1, layer_norm=False):
+        super().__init__()
+        self.input_size = input_size
+        self.output_size = output_size
+        self.num_film_layers = num_film_layers
+        self.layer_norm = nn.LayerNorm(output_size) if layer_norm else None
+        film_output_size = self.output_size * num_film_layers * 2
+        self.gb_weights = nn.Linear(self.input_size, film_output_size)
+        self.gb_weights.bias.data.fill_(0)
+
+    def gamma_beta(self, x_cond: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """gamma, beta [B, output_size * num_film_layers] for each row of x_cond."""
+        _check_input(type(self).__name__, "x_cond", x_cond, f"[B, {self.input_size}]", (2,), self.input_size,
+                     self.gb_weights.weight)
+        gamma, beta = self.gb_weights(x_cond).chunk(2, dim=-1)
+        return gamma, beta
+
+    def forward(self, x_cond, x_to_film):
+        gamma, beta = self.gamma_beta(x_cond)
+        width = gamma.shape[-1]
+        _check_input(type(self).__name__, "x_to_film", x_to_film, f"[B, L, {width}], [L, {width}] or [{width}]",
+                     (1, 2, 3), width, self.gb_weights.weight)
+        x = x_to_film.unsqueeze(0) if x_to_film.dim() == 1 else x_to_film
+        if x.dim() == 3 and x.shape[0] != x_cond.shape[0]:
+            raise ValueError(f"{type(self).__name__}: 'x_to_film' has batch {x.shape[0]} but 'x_cond' has "
+                             f"{x_cond.shape[0]} rows; a 3-D x_to_film is [B, L, D]")
+        out = ops.film(x, gamma, beta)
+        if self.layer_norm is not None:
+            out = self.layer_norm(out)
+        return out
+
+
+class CBDA(FiLM):
+    """Conditional block-diagonal attention bias (the published CBDA).
+
+    FiLM(x_cond, W) gives a table [B, L, c]; its L rows are split into
+    ``blocks`` chunks of ceil(L / blocks) rows which are laid on the diagonal,
+    and the result is cropped to L columns: [B, L, L].
+
+    ``film_table`` returns the [B, L, c] table before the expansion, which is
+    what the conditional attention op takes.
+    """
+
+    def __init__(self, input_size, output_size, blocks=1, num_film_layers=1, layer_norm=False):
+        super().__init__(input_size, output_size, num_film_layers=num_film_layers, layer_norm=layer_norm)
+        self.blocks = blocks
+
+    def film_table(self, x_cond, x_to_film):
+        """The FiLM-modulated table [B, L, c]: one row of the block table per example."""
+        _check_input(type(self).__name__, "x_to_film", x_to_film, "[L, c]", (2,), None, self.gb_weights.weight)
+        return super().forward(x_cond, x_to_film)
+
+    def forward(self, x_cond, x_to_film):
+        table = self.film_table(x_cond, x_to_film)
+        L, c = table.shape[1], table.shape[2]
+        rows_per_block = math.ceil(L / self.blocks)
+        num_blocks = math.ceil(L / rows_per_block)  # torch.chunk may give fewer than `blocks`
+        return ops.block_bias(table, None, L, block_rows=rows_per_block, num_cols=min(L, num_blocks * c))
+
+
+class ConditionalLayerNorm(nn.Module):
+    """Layer norm whose scale is FiLM-modulated by a task condition (the published module).
+
+    weight_b = (1 + gamma(cond_b)) * weight + beta(cond_b); the bias is not conditioned.
+    As published, each task uses the ``condition`` row of its first example.
+
+    forward(input_ [B, *, D], condition [B, condition_size], task_id [B], residual=None) -> [B, *, D].
+    ``residual`` (an extension) is added to input_ inside the op: LN(input_ + residual).
+    """
+
+    __constants__ = ["normalized_shape", "condition_size", "weight", "bias", "eps"]
+
+    def __init__(self, normalized_shape, condition_size, eps=1e-5):
+        super().__init__()
+        if isinstance(normalized_shape, numbers.Integral):
+            normalized_shape = (normalized_shape,)
+        self.normalized_shape = tuple(normalized_shape)
+        if len(self.normalized_shape) != 1:
+            raise ValueError(f"ConditionalLayerNorm: normalized_shape must be one size (the hidden size), "
+                             f"got {self.normalized_shape}")
+        self.condition_size = condition_size
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(*normalized_shape))
+        self.ln_weight_modulation = FiLM(condition_size, sum(normalized_shape))
+        self.bias = nn.Parameter(torch.empty(*normalized_shape))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, input_, condition, task_id, residual=None):
+        name = type(self).__name__
+        D = self.normalized_shape[0]
+        _check_input(name, "input_", input_, f"[B, *, {D}]", range(2, 9), D, self.weight)
+        B = input_.shape[0]
+        _check_input(name, "condition", condition, f"[B={B}, {self.condition_size}]", (2,), self.condition_size,
+                     self.weight)
+        if condition.shape[0] != B:
+            raise ValueError(f"{name}: 'condition' has {condition.shape[0]} rows but input_ has batch {B}")
+        if not isinstance(task_id, torch.Tensor) or task_id.dim() != 1 or task_id.shape[0] != B \
+                or task_id.is_floating_point() or task_id.is_complex():
+            got = shape_str(task_id.shape) + f" {task_id.dtype}" if isinstance(task_id, torch.Tensor) else task_id
+            raise ValueError(f"{name}: 'task_id' must be an integer tensor of shape [B={B}], got {got}")
+        gamma, beta = self.ln_weight_modulation.gamma_beta(condition)
+        first = first_row_of_task(task_id.to(condition.device))
+        return ops.conditional_layer_norm(input_, self.weight, self.bias, gamma, beta, first, self.eps, residual)
+
+    def extra_repr(self):
+        return "{normalized_shape}, {condition_size}, eps={eps}".format(**self.__dict__)
+
+
+class ConditionalBottleNeck(nn.Module):
+    """FiLM then down-projection (d -> d // 3) then up-projection, no activation (as published).
+
+    forward(x_cond [B, d], hidden_states [B, L, d]) -> [B, L, d].
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.emb_transf = nn.Linear(config.hidden_size, config.hidden_size)
+        self.hidden_modulation = FiLM(config.hidden_size, config.hidden_size)
+        self.down_proj_layer = nn.Linear(config.hidden_size, config.hidden_size // 3)
+        self.up_proj_layer = nn.Linear(config.hidden_size // 3, config.hidden_size)
+
+    def forward(self, x_cond, hidden_states):
+        name = type(self).__name__
+        d = self.emb_transf.in_features
+        weight = self.emb_transf.weight
+        _check_input(name, "x_cond", x_cond, f"[B, {d}]", (2,), d, weight)
+        _check_input(name, "hidden_states", hidden_states, f"[B, L, {d}]", (3,), d, weight)
+        if hidden_states.shape[0] != x_cond.shape[0]:
+            raise ValueError(f"{name}: 'hidden_states' has batch {hidden_states.shape[0]} but 'x_cond' has "
+                             f"{x_cond.shape[0]} rows")
+        gamma, beta = self.hidden_modulation.gamma_beta(self.emb_transf(x_cond))
+        down = self.down_proj_layer
+        hidden = ops.film_linear(hidden_states, gamma, beta, None, down.weight, down.bias)
+        return self.up_proj_layer(hidden)
+
+
+class ConditionalSelfAttention(nn.Module):
+    """BERT self-attention with the CA-MTL conditional block-diagonal bias.
+
+    The published ``MyBertSelfAttention9`` (base) / ``MyBertSelfAttention10``
+    (large). ``config`` carries hidden_size, num_attention_heads,
+    attention_probs_dropout_prob, max_seq_length and output_attentions.
+
+    scores = q kᵀ / sqrt(d) + CBDA(task_embedding, random_weight_matrix) + attention_mask
+
+    forward(hidden_states [B, L, D], attention_mask=None, head_mask=None,
+    encoder_hidden_states=None, encoder_attention_mask=None, task_embedding [B, D])
+    returns (context [B, L, D],) or (context, probs [B, H, L, L]) when
+    config.output_attentions. ``attention_mask`` is the published additive
+    mask [B, 1, 1, L] ((1 - mask) * -10000), a [B, 1, L, L] additive mask, or
+    a [B, L] key padding mask (bool or float 0/1). L may be any batch length
+    <= max_seq_length: the bias is cropped (dynamic padding).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        if config.hidden_size % config.num_attention_heads != 0 and not hasattr(config, "embedding_size"):
+            raise ValueError(
+                "The hidden size (%d) is not a multiple of the number of attention heads (%d)"
+                % (config.hidden_size, config.num_attention_heads)
+            )
+        max_seq_length = getattr(config, "max_seq_length", None)
+        if not isinstance(max_seq_length, numbers.Integral) or max_seq_length < 1:
+            raise ValueError(f"ConditionalSelfAttention: config.max_seq_length must be a positive int, "
+                             f"got {max_seq_length!r}")
+        if config.hidden_size < max_seq_length:
+            raise ValueError(
+                f"ConditionalSelfAttention: block-diagonal attention needs hidden_size >= max_seq_length "
+                f"(it uses hidden_size // max_seq_length blocks), got hidden_size={config.hidden_size}, "
+                f"max_seq_length={max_seq_length}"
+            )
+        self.output_attentions = bool(getattr(config, "output_attentions", False))
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = int(config.hidden_size / config.num_attention_heads)
+        self.all_head_size = self.num_attention_heads * self.attention_head_size
+
+        self.query = nn.Linear(config.hidden_size, self.all_head_size)
+        self.key = nn.Linear(config.hidden_size, self.all_head_size)
+        self.value = nn.Linear(config.hidden_size, self.all_head_size)
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+
+        self.max_seq_length = max_seq_length
+        self.num_blocks = config.hidden_size // self.max_seq_length
+        block_width = math.ceil(self.max_seq_length / self.num_blocks)
+        self.cond_block_diag_attn = CBDA(config.hidden_size, block_width, self.num_blocks)
+        self.random_weight_matrix = nn.Parameter(torch.zeros([config.max_seq_length, block_width]),
+                                                 requires_grad=True)
+
+    def transpose_for_scores(self, x):
+        new_x_shape = x.size()[:-1] + (self.num_attention_heads, self.attention_head_size)
+        return x.view(*new_x_shape).permute(0, 2, 1, 3)
+
+    def _key_mask(self, attention_mask):
+        """The mask in a form the op takes: [B, L] key padding (bool or additive), else 4-D additive."""
+        if attention_mask is None:
+            return None
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"{type(self).__name__}: 'attention_mask' must be a tensor, "
+                            f"got {type(attention_mask).__name__}")
+        if attention_mask.dim() == 4 and attention_mask.shape[1] == 1 and attention_mask.shape[2] == 1:
+            return attention_mask.reshape(attention_mask.shape[0], attention_mask.shape[3])  # additive [B, L]
+        if attention_mask.dim() == 2 and attention_mask.dtype != torch.bool:
+            return attention_mask != 0  # a tokenizer's 1/0 mask
+        return attention_mask
+
+    def forward(self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None,
+                encoder_attention_mask=None, task_embedding=None):
+        name = type(self).__name__
+        hidden = self.query.in_features
+        weight = self.query.weight
+        _check_input(name, "hidden_states", hidden_states, f"[B, L, {hidden}]", (3,), hidden, weight)
+        B, L, _ = hidden_states.shape
+        if L > self.max_seq_length:
+            raise ValueError(f"{name}: the sequence length {L} of 'hidden_states' is greater than "
+                             f"max_seq_length={self.max_seq_length}")
+        if task_embedding is None:
+            raise ValueError(f"{name}: 'task_embedding' [B, {hidden}] is required (CA-MTL attention is conditional)")
+        _check_input(name, "task_embedding", task_embedding, f"[B={B}, {hidden}]", (2,), hidden, weight)
+        if task_embedding.shape[0] != B:
+            raise ValueError(f"{name}: 'task_embedding' has {task_embedding.shape[0]} rows but hidden_states has "
+                             f"batch {B}")
+        if encoder_hidden_states is not None:  # published behaviour: only the values come from the encoder
+            value_layer = self.transpose_for_scores(self.value(encoder_hidden_states))
+            attention_mask = encoder_attention_mask
+        else:
+            value_layer = self.transpose_for_scores(self.value(hidden_states))
+        key_layer = self.transpose_for_scores(self.key(hidden_states))
+        query_layer = self.transpose_for_scores(self.query(hidden_states))
+
+        table = self.cond_block_diag_attn.film_table(task_embedding, self.random_weight_matrix)
+        result = ops.conditional_attention(
+            query_layer, key_layer, value_layer, table, None, self._key_mask(attention_mask),
+            dropout_p=self.dropout.p if self.training else 0.0, head_mask=head_mask,
+            return_probs=self.output_attentions,
+        )
+        context, probs = result if self.output_attentions else (result, None)
+        context = context.permute(0, 2, 1, 3).reshape(B, L, self.all_head_size)
+        return (context, probs) if self.output_attentions else (context,)
+
+
+MyBertSelfAttention9 = ConditionalSelfAttention
+MyBertSelfAttention10 = ConditionalSelfAttention

@@ -1,0 +1,71 @@
+"""Input checks shared by the ops: each error names the op, the argument and what was expected."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+_FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def shape_str(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
+
+
+def tensor(op: str, name: str, t, ranks: Sequence[int], layout: str) -> None:
+    """t is a floating tensor whose rank is in ``ranks``; ``layout`` names its dims."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: argument '{name}' must be a torch.Tensor of shape {layout}, got {type(t).__name__}")
+    if t.dim() not in ranks:
+        raise ValueError(
+            f"{op}: argument '{name}' must have shape {layout} (rank {' or '.join(map(str, ranks))}), "
+            f"got rank {t.dim()} with shape {shape_str(t.shape)}"
+        )
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{op}: argument '{name}' must be float64, float32, float16 or bfloat16, got {t.dtype}")
+
+
+def dim(op: str, name: str, t: torch.Tensor, axis: int, expected: int, meaning: str) -> None:
+    if t.shape[axis] != expected:
+        raise ValueError(
+            f"{op}: argument '{name}' has size {t.shape[axis]} in dim {axis}, expected {expected} ({meaning}); "
+            f"its shape is {shape_str(t.shape)}"
+        )
+
+
+def like(op: str, name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
+    """t has the same dtype and device as ``ref``."""
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{op}: argument '{name}' has dtype {t.dtype} but '{ref_name}' has {ref.dtype}; they must match")
+    if t.device != ref.device:
+        raise ValueError(f"{op}: argument '{name}' is on {t.device} but '{ref_name}' is on {ref.device}; they must match")
+
+
+def index(op: str, name: str, idx: Optional[torch.Tensor], batch: int, rows: int, device: torch.device,
+          rows_name: str = "G") -> None:
+    """idx is None (then batch == rows) or an integer tensor [batch] with values in [0, rows)."""
+    if idx is None:
+        if batch != rows:
+            raise ValueError(
+                f"{op}: without '{name}', the table must have one row per example: {rows_name}={rows} "
+                f"but the batch has {batch} examples"
+            )
+        return
+    if not isinstance(idx, torch.Tensor) or idx.dtype not in _INDEX_DTYPES:
+        got = idx.dtype if isinstance(idx, torch.Tensor) else type(idx).__name__
+        raise TypeError(f"{op}: argument '{name}' must be an int64 or int32 tensor of shape [B], got {got}")
+    if idx.dim() != 1 or idx.shape[0] != batch:
+        raise ValueError(f"{op}: argument '{name}' must have shape [B]=[{batch}], got {shape_str(idx.shape)}")
+    if idx.device != device:
+        raise ValueError(f"{op}: argument '{name}' is on {idx.device} but the inputs are on {device}")
+    if batch:
+        lo, hi = torch.aminmax(idx)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= rows:
+            bad = lo if lo < 0 else hi
+            raise IndexError(
+                f"{op}: argument '{name}' holds {bad}, out of range: task ids must be in [0, {rows}) "
+                f"({rows_name}={rows} table rows)"
+            )

@@ -1,0 +1,131 @@
+"""Conditional attention: softmax(Q Kᵀ · scale + M(z) + mask) · V.
+
+M(z) is CA-MTL's conditional block-diagonal bias, shared by the heads. It is a
+pure function of (task, i, j), read from a FiLM-modulated block table
+``table`` [G, L_max, c] (one row per task) and an index [B] into it:
+
+    M[b, i, j] = table[index[b], i, j - c·(i // c)]   if i // c == j // c
+               = 0                                   otherwise
+
+for i, j < L (the batch length, L <= L_max: with dynamic padding the bias is
+the top-left L×L corner of the L_max×L_max one; the last block is cropped).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+
+from camtl.backends import resolve
+from camtl.ops import _checks
+
+
+def _check_table(op: str, table: torch.Tensor, index: Optional[torch.Tensor], batch: int, seq_len: int,
+                 like: torch.Tensor, like_name: str) -> None:
+    _checks.tensor(op, "table", table, (3,), "[G, L_max, c]")
+    _checks.like(op, "table", table, like, like_name)
+    if table.shape[1] < seq_len:
+        raise ValueError(
+            f"{op}: the sequence length {seq_len} is greater than max_seq_length={table.shape[1]} "
+            f"(dim 1 of 'table' {_checks.shape_str(table.shape)}); pad or truncate to at most {table.shape[1]}"
+        )
+    if table.shape[2] < 1:
+        raise ValueError(f"{op}: argument 'table' must have a block width c >= 1, got shape "
+                         f"{_checks.shape_str(table.shape)}")
+    _checks.index(op, "index", index, batch, table.shape[0], like.device)
+
+
+def block_bias(table: torch.Tensor, index: Optional[torch.Tensor] = None, seq_len: Optional[int] = None,
+               block_rows: Optional[int] = None, num_cols: Optional[int] = None) -> torch.Tensor:
+    """The dense block-diagonal bias [B, L, L] (the published CBDA output).
+
+    bias[b, i, j] = table[index[b], i, j - c·(i // r)] when 0 <= j - c·(i // r) < c, else 0,
+    with r = block_rows (default c, square diagonal blocks), L = seq_len
+    (default L_max) and num_cols columns (default L). Kernels never form this;
+    it is for the published CBDA module and for references.
+    """
+    op = "camtl.ops.block_bias"
+    if not isinstance(table, torch.Tensor):
+        raise TypeError(f"{op}: argument 'table' must be a torch.Tensor of shape [G, L_max, c]")
+    seq_len = table.shape[1] if seq_len is None else int(seq_len)
+    batch = index.shape[0] if isinstance(index, torch.Tensor) and index.dim() == 1 else table.shape[0]
+    _check_table(op, table, index, batch, seq_len, table, "table")
+    if block_rows is not None and block_rows < 1:
+        raise ValueError(f"{op}: argument 'block_rows' must be >= 1, got {block_rows}")
+    _, fn = resolve("block_bias", table.device)
+    return fn(table, index, seq_len, block_rows, num_cols)
+
+
+def conditional_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
+    index: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None, *,
+    dropout_p: float = 0.0, scale: Optional[float] = None, head_mask: Optional[torch.Tensor] = None,
+    return_probs: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """softmax(q kᵀ · scale + M(table, index) + attn_mask) · v, non-causal.
+
+    Args:
+        q, k: [B, H, L, d] and v: [B, H, L, dv], any strides (views of one QKV projection are fine).
+        table: [G, L_max, c] FiLM-modulated block table, L <= L_max.
+        index: [B] int64 row of ``table`` for each example; None means arange(B), G == B.
+        attn_mask: None; a key padding mask [B, L], bool (True = attend; an
+            example with no key left gets zeros) or float (added to the
+            scores, e.g. the published (1 - mask)·-10000); or a float mask
+            broadcastable to [B, H, L, L].
+        dropout_p: attention dropout probability in [0, 1); pass 0 in eval.
+        scale: score scale; None means 1/sqrt(d).
+        head_mask: None or a float tensor broadcastable to [B, H, L, L] that
+            multiplies the probabilities (the published head_mask).
+        return_probs: also return the probabilities [B, H, L, L].
+    Returns:
+        out [B, H, L, dv], or (out, probs) with return_probs.
+    """
+    op = "camtl.ops.conditional_attention"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _checks.tensor(op, name, t, (4,), "[B, H, L, d]")
+        if name != "q":
+            _checks.like(op, name, t, q, "q")
+            same = t.shape == q.shape if name == "k" else t.shape[:3] == q.shape[:3]
+            if not same:
+                want = _checks.shape_str(q.shape) if name == "k" else _checks.shape_str(q.shape[:3]) + " + [dv]"
+                raise ValueError(f"{op}: argument '{name}' must have shape {want} (like q), "
+                                 f"got {_checks.shape_str(t.shape)}")
+    B, H, L, d = q.shape
+    _check_table(op, table, index, B, L, q, "q")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"{op}: argument 'attn_mask' must be a tensor [B, L] or [B, H, L, L] or None")
+        if attn_mask.device != q.device:
+            raise ValueError(f"{op}: argument 'attn_mask' is on {attn_mask.device} but q is on {q.device}")
+        if attn_mask.dim() == 2:
+            if tuple(attn_mask.shape) != (B, L):
+                raise ValueError(f"{op}: a 2-D 'attn_mask' is a key padding mask of shape [B, L]=[{B}, {L}], "
+                                 f"got {_checks.shape_str(attn_mask.shape)}")
+        elif attn_mask.dim() == 4 and attn_mask.dtype != torch.bool:
+            try:
+                torch.broadcast_shapes(attn_mask.shape, (B, H, L, L))
+            except RuntimeError:
+                raise ValueError(f"{op}: a 4-D 'attn_mask' must broadcast to [B, H, L, L]=[{B}, {H}, {L}, {L}], "
+                                 f"got {_checks.shape_str(attn_mask.shape)}") from None
+        else:
+            raise ValueError(f"{op}: argument 'attn_mask' must be [B, L] (bool or float) or a float mask "
+                             f"broadcastable to [B, H, L, L], got {attn_mask.dtype} {_checks.shape_str(attn_mask.shape)}")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"{op}: argument 'attn_mask' must be bool or floating point, got {attn_mask.dtype}")
+    if head_mask is not None:
+        if not isinstance(head_mask, torch.Tensor) or not head_mask.is_floating_point():
+            raise TypeError(f"{op}: argument 'head_mask' must be a float tensor broadcastable to [B, H, L, L]")
+        try:
+            torch.broadcast_shapes(head_mask.shape, (B, H, L, L))
+        except RuntimeError:
+            raise ValueError(f"{op}: argument 'head_mask' must broadcast to [B, H, L, L]=[{B}, {H}, {L}, {L}], "
+                             f"got {_checks.shape_str(head_mask.shape)}") from None
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: argument 'dropout_p' must be in [0, 1), got {dropout_p}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"{op}: argument 'scale' must be a finite float or None, got {scale}")
+    _, fn = resolve("conditional_attention", q.device)
+    out, probs = fn(q, k, v, table, index, attn_mask, dropout_p, scale, head_mask, return_probs)
+    return (out, probs) if return_probs else out

@@ -1,0 +1,1 @@
+"""Helpers for tests and benchmarks: the published algorithm, re-implemented for comparison."""
