@@ -1,0 +1,97 @@
+"""Helpers shared by the benches: threads, timing, equivalence checks, tables, a progress bar."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, Iterable, List, Mapping, Sequence, Tuple
+
+import torch
+from torch.utils.benchmark import Timer
+
+# fp32: the two sides sum in different orders, so allow rounding; fp64: only rounding of a
+# different order of operations is allowed, so any algorithmic difference shows.
+TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float64: (1e-9, 1e-11)}  # (rtol, atol)
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (the affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def setup_threads() -> int:
+    n = available_cpus()
+    torch.set_num_threads(n)
+    return n
+
+
+def progress(iterable: Iterable, desc: str, total: int = None) -> Iterable:
+    """A tqdm bar over ``iterable`` when tqdm is installed (shown on a terminal only), else the iterable."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    # disable=None: no bar when stderr is not a terminal, so logs of `make bench` stay clean.
+    return tqdm(iterable, desc=desc, total=total, leave=False, disable=None)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, quick: bool) -> Dict[str, float]:
+    """Median wall time of ``fn()`` in ms, measured by ``torch.utils.benchmark.Timer``.
+
+    The Timer synchronizes the accelerator around each timed block, and its block-size
+    estimate warms up too; the explicit warm-up first takes cuBLAS/allocator start-up
+    out of that estimate.
+    """
+    cuda = device.type == "cuda"
+    for _ in range(3 if cuda else 1):
+        fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    # CPU runs are slow and must fit a few minutes on 2 cores: fewer replicates there.
+    min_run_time = {(False, True): 0.05, (False, False): 0.3, (True, True): 0.2, (True, False): 1.0}[(cuda, quick)]
+    m = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_run_time)
+    return {"median_ms": m.median * 1e3, "iqr_ms": m.iqr * 1e3, "runs": len(m.times) * m.number_per_run}
+
+
+def compare(ref: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor],
+            rtol: float, atol: float) -> Tuple[bool, float, str]:
+    """(all close, max abs error, name of the worst tensor) over tensors with the same names."""
+    if set(ref) != set(got):
+        raise KeyError(f"compare: different tensors: {sorted(set(ref) ^ set(got))}")
+    ok, worst, worst_name = True, 0.0, ""
+    for name, r in ref.items():
+        g = got[name]
+        if r.shape != g.shape:
+            return False, float("inf"), f"{name} (shape {tuple(g.shape)} != {tuple(r.shape)})"
+        err = (g - r).abs().max().item() if r.numel() else 0.0
+        ok = ok and torch.allclose(g, r, rtol=rtol, atol=atol)
+        if not err <= worst:  # also catches NaN
+            worst, worst_name = err, name
+    return ok, worst, worst_name
+
+
+Column = Tuple[str, str, str]  # (header, row key, format spec)
+
+
+def print_table(title: str, rows: Sequence[Mapping], columns: Sequence[Column]) -> None:
+    """A plain-text table, one line per row; a missing value prints as '-'."""
+    def cell(row, key, spec):
+        value = row.get(key)
+        if value is None:
+            return "-"
+        if isinstance(value, bool):
+            return "ok" if value else "FAIL"
+        return format(value, spec)
+
+    table: List[List[str]] = [[h for h, _, _ in columns]]
+    table += [[cell(row, key, spec) for _, key, spec in columns] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    print(f"\n{title}")
+    for i, line in enumerate(table):
+        # The first column (a name) is left-aligned, numbers right-aligned.
+        print("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(line, widths))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
