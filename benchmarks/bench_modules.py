@@ -136,32 +136,30 @@ def _step(case: Case, module: nn.Module, x: Dict[str, torch.Tensor], grad_out: t
 
 
 def check(case: Case, shape: Shape, dtype: torch.dtype, device: torch.device, seed: int = 0):
-    """(pass, max abs error, worst tensor) of camtl against published for outputs and all gradients."""
+    """Compare camtl with published (output and every gradient) at ``shape`` in ``dtype``.
+
+    Returns ((pass, max abs error, worst tensor), (published, camtl, inputs, grad_out)):
+    the second part is what the timings reuse.
+    """
     published, ours = build_pair(case, shape, dtype, device, seed)
     x = make_inputs(shape, dtype, device, seed)
-    ref = _step(case, published, x, None if False else torch.ones(1, device=device, dtype=dtype))  # placeholder
-    return ref
+    with torch.no_grad():
+        grad_out = torch.randn_like(case.forward(published, x))
+    ref = _step(case, published, x, grad_out)
+    with camtl.use_backend("torch"):
+        got = _step(case, ours, x, grad_out)
+    return compare(ref, got, *TOLERANCES[dtype]), (published, ours, x, grad_out)
 
 
-def bench_case(case: Case, shape: Shape, shape64: Shape, device: torch.device, quick: bool, seed: int = 0) -> dict:
-    """One row: fp64 and fp32 equivalence, then fwd and fwd+bwd timings of both modules."""
+def bench_case(case: Case, shape: Shape, shape64: Shape, device: torch.device, quick: bool) -> dict:
+    """One row: fp64 and fp32 equivalence, then fwd and fwd+bwd timings of both modules in fp32."""
+    (ok64, err64, worst64), _ = check(case, shape64, torch.float64, device)
+    (ok32, err32, worst32), (published, ours, x, grad_out) = check(case, shape, torch.float32, device)
     row = {"module": case.name, "shape": str(shape), "device": str(device), "dtype": "float32",
-           "fp64_shape": str(shape64)}
-    results = {}
-    for dtype, s in ((torch.float64, shape64), (torch.float32, shape)):
-        published, ours = build_pair(case, s, dtype, device, seed)
-        x = make_inputs(s, dtype, device, seed)
-        with torch.no_grad():
-            grad_out = torch.randn_like(case.forward(published, x))
-        ref = _step(case, published, x, grad_out)
-        with camtl.use_backend("torch"):
-            got = _step(case, ours, x, grad_out)
-        results[dtype] = compare(ref, got, *TOLERANCES[dtype])
-    (ok64, err64, worst64), (ok32, err32, worst32) = results[torch.float64], results[torch.float32]
-    row.update({"pass": ok32 and ok64, "pass_fp32": ok32, "max_err_fp32": err32, "worst_fp32": worst32,
-                "pass_fp64": ok64, "max_err_fp64": err64, "worst_fp64": worst64})
+           "fp64_shape": str(shape64), "pass": ok32 and ok64,
+           "pass_fp32": ok32, "max_err_fp32": err32, "worst_fp32": worst32,
+           "pass_fp64": ok64, "max_err_fp64": err64, "worst_fp64": worst64}
 
-    # Time the fp32 pair built last.
     for side, module in (("published", published), ("camtl", ours)):
         with camtl.use_backend("torch"):  # entered once around the Timer: same thread, so the Timer's calls see it
             fwd = time_ms(lambda: case.forward(module, x), device, quick)

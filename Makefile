@@ -1,0 +1,28 @@
+# make test   - create .venv, install, run the CPU test suite (Triton kernels under the interpreter)
+# make bench  - create .venv, install, run the benchmarks on this machine's device
+# make gpu-check - on a CUDA machine (preinstalled torch/triton, offline): tests/gpu + benchmarks into $GPU_CHECK_OUT
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+BENCH_OUT ?= .benchmarks/latest
+export GPU_CHECK_OUT ?= gpu-check-out
+
+.PHONY: test bench gpu-check venv clean
+
+venv: $(VENV)/.camtl-installed
+
+$(VENV)/.camtl-installed: setup.py pyproject.toml scripts/bootstrap.sh
+	VENV=$(VENV) PYTHON=$(PYTHON) bash scripts/bootstrap.sh
+	touch $@
+
+test: venv
+	TRITON_INTERPRET=1 $(VPY) -m pytest tests
+
+bench: venv
+	$(VPY) benchmarks/run.py --out $(BENCH_OUT)
+
+gpu-check:
+	PYTHON=$(PYTHON) bash scripts/gpu_check.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

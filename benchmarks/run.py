@@ -1,0 +1,72 @@
+"""Runner for ``make bench``: every bench, one table each, optional JSON results.
+
+    python benchmarks/run.py [--out DIR] [--quick]
+
+Each bench in BENCHES is a module in this folder exposing
+``run(device, quick) -> list[dict]`` (a row has a boolean "pass" when it checks
+equivalence) and ``print_table(rows)``. Exits 1 if any row failed its check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import sys
+import time
+
+# The benches import each other by plain name (`from common import ...`), also under `python -m`.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from camtl.info import collect  # noqa: E402
+from common import setup_threads  # noqa: E402
+
+BENCHES = [
+    "bench_modules",
+    # later: "bench_attention", "bench_norm_adapter", "bench_model"
+]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", metavar="DIR", help="write DIR/<bench>.json (rows, environment, date)")
+    parser.add_argument("--quick", action="store_true", help="small shapes and few repetitions: a smoke test")
+    args = parser.parse_args(argv)
+
+    threads = setup_threads()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = collect()
+    env["torch_threads"] = threads
+    for key in ("camtl", "torch", "triton", "python", "device"):
+        print(f"{key:<13} {env[key]}")
+    print(f"{'torch threads':<13} {threads}")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+
+    failed = []
+    start = time.perf_counter()
+    for name in BENCHES:
+        bench = importlib.import_module(name)
+        rows = bench.run(device, args.quick)
+        bench.print_table(rows)
+        failed += [f"{name}: {row.get('module', row)}" for row in rows if row.get("pass") is False]
+        if args.out:
+            path = os.path.join(args.out, f"{name}.json")
+            with open(path, "w") as f:
+                json.dump({"bench": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                           "quick": args.quick, "environment": env, "rows": rows}, f, indent=2)
+            print(f"wrote {path}")
+
+    print(f"\nwall time {time.perf_counter() - start:.1f} s")
+    if failed:
+        print("equivalence FAILED: " + ", ".join(failed))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
