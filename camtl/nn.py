@@ -261,7 +261,7 @@ class ConditionalSelfAttention(nn.Module):
         new_x_shape = x.size()[:-1] + (self.num_attention_heads, self.attention_head_size)
         return x.view(*new_x_shape).permute(0, 2, 1, 3)
 
-    def _key_mask(self, attention_mask):
+    def _key_mask(self, attention_mask, batch):
         """The mask in a form the op takes: [B, L] key padding (bool or additive), else 4-D additive."""
         if attention_mask is None:
             return None
@@ -269,7 +269,9 @@ class ConditionalSelfAttention(nn.Module):
             raise TypeError(f"{type(self).__name__}: 'attention_mask' must be a tensor, "
                             f"got {type(attention_mask).__name__}")
         if attention_mask.dim() == 4 and attention_mask.shape[1] == 1 and attention_mask.shape[2] == 1:
-            return attention_mask.reshape(attention_mask.shape[0], attention_mask.shape[3])  # additive [B, L]
+            # additive [B, L]; a batch of 1 broadcasts
+            mask = attention_mask.reshape(attention_mask.shape[0], -1)
+            return mask.expand(batch, -1) if mask.shape[0] == 1 else mask
         if attention_mask.dim() == 2 and attention_mask.dtype != torch.bool:
             return attention_mask != 0  # a tokenizer's 1/0 mask
         return attention_mask
@@ -300,7 +302,7 @@ class ConditionalSelfAttention(nn.Module):
 
         table = self.cond_block_diag_attn.film_table(task_embedding, self.random_weight_matrix)
         result = ops.conditional_attention(
-            query_layer, key_layer, value_layer, table, None, self._key_mask(attention_mask),
+            query_layer, key_layer, value_layer, table, None, self._key_mask(attention_mask, B),
             dropout_p=self.dropout.p if self.training else 0.0, head_mask=head_mask,
             return_probs=self.output_attentions,
         )

@@ -226,3 +226,15 @@ def test_layer_norm_and_film_bad_input():
     _raises(ValueError, ["'x_to_film'", "batch 2", "3 rows"], lambda: film(torch.randn(3, 4), torch.randn(2, 2, 6)))
     bott = cnn.ConditionalBottleNeck(bert_config(hidden_size=9))
     _raises(ValueError, ["'hidden_states'", "[B, L, 9]"], lambda: bott(torch.randn(2, 9), torch.randn(2, 9)))
+
+
+def test_self_attention_mask_with_batch_of_one_broadcasts():
+    _, ours = attention_twin()
+    h, z = f64(3, 12, 24), f64(3, 24)
+    keep = torch.ones(1, 12, dtype=torch.bool)
+    keep[0, 9:] = False
+    one = ours(h, extended_mask(keep), task_embedding=z)[0]
+    full = ours(h, extended_mask(keep.expand(3, 12)), task_embedding=z)[0]
+    torch.testing.assert_close(one, full, rtol=0, atol=0)
+    _raises(ValueError, ["'attn_mask'", "[B, L]=[3, 12]"],
+            lambda: ours(h, extended_mask(torch.ones(2, 12, dtype=torch.bool)), task_embedding=z))
