@@ -194,6 +194,9 @@ def print_table(rows: List[dict]) -> None:
     head = rows[0] if rows else {}
     _print_table(f"camtl.nn vs published, {head.get('dtype')} on {head.get('device')}, {head.get('shape')}, "
                  f"{NUM_TASKS} tasks (fp64 check at {head.get('fp64_shape')}); camtl backend: torch", rows, COLUMNS)
+    (rtol32, atol32), (rtol64, atol64) = TOLERANCES[torch.float32], TOLERANCES[torch.float64]
+    print(f"pass: output and gradients of inputs and parameters allclose, fp32 rtol {rtol32:g} atol {atol32:g}, "
+          f"fp64 rtol {rtol64:g} atol {atol64:g} (atol x max|ref| per tensor); max err: max abs difference")
     for r in rows:
         if not r["pass"]:
             print(f"  FAIL {r['module']}: fp32 worst {r['worst_fp32']} ({r['max_err_fp32']:.2e}), "

@@ -50,7 +50,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, quick: bool) -> Dict
     if cuda:
         torch.cuda.synchronize(device)
     # CPU runs are slow and must fit a few minutes on 2 cores: fewer replicates there.
-    min_run_time = {(False, True): 0.05, (False, False): 0.3, (True, True): 0.2, (True, False): 1.0}[(cuda, quick)]
+    min_run_time = {(False, True): 0.05, (False, False): 0.5, (True, True): 0.2, (True, False): 1.0}[(cuda, quick)]
     m = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
         min_run_time=min_run_time)
     return {"median_ms": m.median * 1e3, "iqr_ms": m.iqr * 1e3, "runs": len(m.times) * m.number_per_run}
