@@ -85,7 +85,10 @@ def conditional_attention(
             scores = scores + attn_mask[:, None, None, :].to(scores.dtype)
         else:
             scores = scores + attn_mask.to(scores.dtype)
-    probs = torch.softmax(scores, dim=-1, dtype=_compute_dtype(scores.dtype)).to(q.dtype)
+    if scores.dtype in _HALF:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    else:  # no dtype argument: on the CPU, softmax with one is several times slower
+        probs = torch.softmax(scores, dim=-1)
     if any_key is not None:
         probs = probs * any_key[:, None, None, None].to(probs.dtype)
     if dropout_p > 0.0:
