@@ -1,8 +1,7 @@
 """Triton kernels for CA-MTL, installed as ``camtl.kernels``.
 
 One file per op (attention, layer_norm, film, adapter), each a readable kernel
-with its math in the docstring. ``IMPLEMENTED_OPS`` lists the ops this backend
-runs; the registry in ``camtl.backends`` reads it.
+with its math in the docstring. The kernels are launched by plain functions;
+``camtl.ops`` registers them as torch.library ops with autograd and declares
+them to the backend registry.
 """
-
-IMPLEMENTED_OPS = ()

@@ -31,6 +31,22 @@ _CHOICES = ("auto",) + BACKEND_NAMES
 _AUTO_ORDER = ("cuda", "triton", "torch")
 
 _override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("camtl_backend", default=None)
+# op name -> backend name -> the function that runs it (same signature as the torch reference).
+_IMPLS: Dict[str, Dict[str, Callable]] = {}
+
+
+def register(op: str, backend: str, fn: Callable) -> None:
+    """Declares that ``backend`` runs ``op`` with ``fn`` (called by the op modules at import)."""
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {backend!r}")
+    _IMPLS.setdefault(op, {})[backend] = fn
+    backend_state.cache_clear()
+
+
+def implemented_ops(backend: str) -> Tuple[str, ...]:
+    import camtl.ops  # noqa: F401  (the op modules register their implementations)
+
+    return tuple(op for op, impls in _IMPLS.items() if backend in impls)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -51,10 +67,10 @@ def _triton_state() -> BackendState:
     except Exception as exc:  # ImportError, or a broken install
         return BackendState("triton", False, f"triton does not import: {exc}", ())
     try:
-        kernels = importlib.import_module("camtl.kernels")
+        importlib.import_module("camtl.kernels")
     except Exception as exc:
         return BackendState("triton", False, f"camtl.kernels does not import: {exc}", ())
-    ops = tuple(getattr(kernels, "IMPLEMENTED_OPS", ()))
+    ops = implemented_ops("triton")
     if not ops:
         return BackendState("triton", False, "no Triton kernels are implemented yet (issues #3, #4)", ())
     if torch.cuda.is_available():
@@ -73,7 +89,7 @@ def _cuda_state() -> BackendState:
             f"the CUDA extension camtl._C is not built ({type(exc).__name__}: {exc}); "
             "no CUDA kernels are implemented yet", (),
         )
-    ops = tuple(getattr(ext, "IMPLEMENTED_OPS", ()))
+    ops = implemented_ops("cuda")
     if not ops:
         return BackendState("cuda", False, "camtl._C implements no ops yet", ())
     if not torch.cuda.is_available():
@@ -85,9 +101,7 @@ def _cuda_state() -> BackendState:
 def backend_state(name: str) -> BackendState:
     """The state of one backend (cached: availability does not change in a process)."""
     if name == "torch":
-        from camtl.ops import OP_NAMES
-
-        return BackendState("torch", True, "every device and dtype", OP_NAMES)
+        return BackendState("torch", True, "every device and dtype", implemented_ops("torch"))
     if name == "triton":
         return _triton_state()
     if name == "cuda":
@@ -135,9 +149,18 @@ def _runs_on(state: BackendState, op: str, device: torch.device) -> Optional[str
     return None
 
 
-def resolve(op: str, device: torch.device) -> Tuple[str, Callable]:
-    """The backend name and function that run ``op`` for tensors on ``device``."""
+def resolve(op: str, device: torch.device, reference_only: Optional[str] = None) -> Tuple[str, Callable]:
+    """The backend name and function that run ``op`` for tensors on ``device``.
+
+    reference_only: why these arguments need the torch reference (a feature the
+    kernels do not have), or None. Then auto picks torch, and a named backend raises.
+    """
     name = requested_backend()
+    if reference_only is not None and name not in ("auto", "torch"):
+        raise BackendUnavailableError(f"camtl backend {name!r} cannot run {op!r}: {reference_only}; "
+                                      f"only the torch backend can")
+    if reference_only is not None:
+        return "torch", _function("torch", op)
     if name != "auto":
         why_not = _runs_on(backend_state(name), op, device)
         if why_not is not None:
@@ -153,5 +176,4 @@ def resolve(op: str, device: torch.device) -> Tuple[str, Callable]:
 
 
 def _function(name: str, op: str) -> Callable:
-    module = {"torch": "camtl.backends.torch_ref", "triton": "camtl.kernels", "cuda": "camtl._C"}[name]
-    return getattr(importlib.import_module(module), op)
+    return _IMPLS[op][name]

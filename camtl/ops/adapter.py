@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from camtl.backends import resolve
+from camtl.backends import register, resolve, torch_ref
 from camtl.ops import _checks
 from camtl.ops.film import check_film
 
@@ -42,3 +42,6 @@ def film_linear(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, index:
         _checks.dim(op, "bias", bias, 0, weight.shape[0], "N, the rows of weight")
     _, fn = resolve("film_linear", x.device)
     return fn(x, gamma, beta, index, weight, bias)
+
+
+register("film_linear", "torch", torch_ref.film_linear)

@@ -18,7 +18,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from camtl.backends import resolve
+from camtl.backends import register, resolve, torch_ref
 from camtl.ops import _checks
 
 
@@ -129,3 +129,7 @@ def conditional_attention(
     _, fn = resolve("conditional_attention", q.device)
     out, probs = fn(q, k, v, table, index, attn_mask, dropout_p, scale, head_mask, return_probs)
     return (out, probs) if return_probs else out
+
+
+register("block_bias", "torch", torch_ref.block_bias)
+register("conditional_attention", "torch", torch_ref.conditional_attention)

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from camtl.backends import resolve
+from camtl.backends import register, resolve, torch_ref
 from camtl.ops import _checks
 
 
@@ -52,3 +52,6 @@ def film(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
     check_film("camtl.ops.film", x, gamma, beta, index)
     _, fn = resolve("film", x.device)
     return fn(x, gamma, beta, index)
+
+
+register("film", "torch", torch_ref.film)

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from camtl.backends import resolve
+from camtl.backends import register, resolve, torch_ref
 from camtl.ops import _checks
 
 
@@ -59,3 +59,6 @@ def conditional_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     _checks.index(op, "index", index, x.shape[0], gamma.shape[0], x.device)
     _, fn = resolve("conditional_layer_norm", x.device)
     return fn(x, weight, bias, gamma, beta, index, eps, residual)
+
+
+register("conditional_layer_norm", "torch", torch_ref.conditional_layer_norm)
