@@ -220,7 +220,9 @@ class ConditionalSelfAttention(nn.Module):
     config.output_attentions. ``attention_mask`` is the published additive
     mask [B, 1, 1, L] ((1 - mask) * -10000), a [B, 1, L, L] additive mask, or
     a [B, L] key padding mask (bool or float 0/1). L may be any batch length
-    <= max_seq_length: the bias is cropped (dynamic padding).
+    <= max_seq_length: the bias is cropped (dynamic padding). With
+    output_attentions or a head_mask, the attention runs on the torch
+    reference (the fused kernels never form the probabilities).
     """
 
     def __init__(self, config):

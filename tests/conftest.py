@@ -5,6 +5,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+# Triton kernels run on CPU tensors under the interpreter; it must be set before triton compiles them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Tolerances (rtol, atol) by dtype, against a float64 reference.
 TOL = {
     torch.float64: (1e-12, 1e-12),

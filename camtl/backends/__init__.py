@@ -9,8 +9,11 @@ Backends:
 
 Choice: ``CAMTL_BACKEND=auto|torch|triton|cuda`` or ``with camtl.use_backend(name)``.
 ``auto`` takes the fastest backend that implements the op for the tensors'
-device. A backend asked for by name that cannot run raises
-:class:`BackendUnavailableError` saying why; it never falls back silently.
+device. A backend asked for by name runs every op it implements; the ops it
+does not implement at all (``camtl info`` lists them) run on torch. If it is
+unavailable, or cannot run an op it implements on the given tensors or
+arguments, it raises :class:`BackendUnavailableError` saying why; it never
+falls back silently.
 """
 
 from __future__ import annotations
@@ -152,28 +155,37 @@ def _runs_on(state: BackendState, op: str, device: torch.device) -> Optional[str
 def resolve(op: str, device: torch.device, reference_only: Optional[str] = None) -> Tuple[str, Callable]:
     """The backend name and function that run ``op`` for tensors on ``device``.
 
-    reference_only: why these arguments need the torch reference (a feature the
-    kernels do not have), or None. Then auto picks torch, and a named backend raises.
+    reference_only: why these arguments need the torch reference (inputs the
+    kernels do not take), or None. Then auto picks torch, and a named backend raises.
     """
+    name = _resolve_name(op, device.type, reference_only)
+    return name, _IMPLS[op][name]
+
+
+# Under torch.compile the choice is made once, while tracing, and baked into the graph.
+@torch.compiler.assume_constant_result
+def _resolve_name(op: str, device_type: str, reference_only: Optional[str]) -> str:
     name = requested_backend()
     if reference_only is not None and name not in ("auto", "torch"):
         raise BackendUnavailableError(f"camtl backend {name!r} cannot run {op!r}: {reference_only}; "
                                       f"only the torch backend can")
     if reference_only is not None:
-        return "torch", _function("torch", op)
+        return "torch"
+    device = torch.device(device_type)
     if name != "auto":
-        why_not = _runs_on(backend_state(name), op, device)
+        state = backend_state(name)
+        if state.available and op not in state.ops:
+            return "torch"  # documented: a backend runs the ops it implements
+        why_not = _runs_on(state, op, device)
         if why_not is not None:
             raise BackendUnavailableError(f"camtl backend {name!r} cannot run {op!r}: {why_not}")
-        return name, _function(name, op)
+        return name
     for candidate in _AUTO_ORDER:
         # The interpreter is for testing, never the fast choice for CPU tensors.
         if candidate != "torch" and device.type != "cuda":
             continue
         if _runs_on(backend_state(candidate), op, device) is None:
-            return candidate, _function(candidate, op)
+            return candidate
     raise AssertionError("unreachable: the torch backend runs everything")
 
 
-def _function(name: str, op: str) -> Callable:
-    return _IMPLS[op][name]

@@ -60,7 +60,10 @@ def index(op: str, name: str, idx: Optional[torch.Tensor], batch: int, rows: int
         raise ValueError(f"{op}: argument '{name}' must have shape [B]=[{batch}], got {shape_str(idx.shape)}")
     if idx.device != device:
         raise ValueError(f"{op}: argument '{name}' is on {idx.device} but the inputs are on {device}")
-    if batch:
+    if batch and torch.compiler.is_compiling():  # no host sync inside a graph: check on the device
+        torch._assert_async(((idx >= 0) & (idx < rows)).all(),
+                            f"{op}: argument '{name}' holds task ids out of range [0, {rows})")
+    elif batch:
         lo, hi = torch.aminmax(idx)
         lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= rows:

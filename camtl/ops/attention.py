@@ -79,6 +79,8 @@ def conditional_attention(
         head_mask: None or a float tensor broadcastable to [B, H, L, L] that
             multiplies the probabilities (the published head_mask).
         return_probs: also return the probabilities [B, H, L, L].
+    With return_probs or head_mask, the torch reference runs whatever the
+    backend: only it forms the probabilities.
     Returns:
         out [B, H, L, dv], or (out, probs) with return_probs.
     """
@@ -126,10 +128,113 @@ def conditional_attention(
         raise ValueError(f"{op}: argument 'dropout_p' must be in [0, 1), got {dropout_p}")
     if scale is not None and not math.isfinite(scale):
         raise ValueError(f"{op}: argument 'scale' must be a finite float or None, got {scale}")
-    _, fn = resolve("conditional_attention", q.device)
+    if return_probs or head_mask is not None:
+        fn = torch_ref.conditional_attention  # documented: only the reference forms the probabilities
+    else:
+        _, fn = resolve("conditional_attention", q.device, _unsupported_by_kernels(q, v, attn_mask))
     out, probs = fn(q, k, v, table, index, attn_mask, dropout_p, scale, head_mask, return_probs)
     return (out, probs) if return_probs else out
 
 
+def _unsupported_by_kernels(q, v, attn_mask) -> Optional[str]:
+    """Why the fused kernels cannot take these inputs, or None."""
+    if attn_mask is not None and attn_mask.dim() == 4:
+        return "the fused kernels take a [B, L] key padding mask, not a 4-D mask"
+    if v.shape[-1] != q.shape[-1]:
+        return "the fused kernels need v's head dim equal to q's"
+    if q.dtype == torch.float64:
+        return "the fused kernels take float32, float16 and bfloat16, not float64"
+    if q.shape[-1] > 256:
+        return f"the fused kernels take head dims up to 256, got {q.shape[-1]}"
+    return None
+
+
+# ---- the fused (Triton) implementation, as torch.library ops ---------------------------------------------------
+
+@torch.library.custom_op("camtl::conditional_attention_fwd", mutates_args=())
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
+                   key_bias: Optional[torch.Tensor], scale: float, dropout_p: float,
+                   seed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, H, L, d], lse [B, H, L] fp32). key_bias [B, L] fp32 is added to the scores (-inf masks a key)."""
+    from camtl.kernels.attention import attention_forward
+
+    return attention_forward(q, k, v, table, index, key_bias, scale, dropout_p, int(seed.item()))
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, table, index, key_bias, scale, dropout_p, seed):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("camtl::conditional_attention_bwd", mutates_args=())
+def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, table: torch.Tensor, index: torch.Tensor, key_bias: Optional[torch.Tensor],
+                   scale: float, dropout_p: float, seed: torch.Tensor
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dtable). dtable sums the per-example bias gradients per task, deterministically."""
+    from camtl.kernels.attention import attention_backward
+
+    dq, dk, dv, dbias = attention_backward(dout, q, k, v, out, lse, table, index, key_bias, scale, dropout_p,
+                                           int(seed.item()))
+    B, L, c = dbias.shape
+    G = table.shape[0]
+    # A one-hot GEMM, not index_add_: the sum per task stays deterministic on the GPU.
+    per_task = torch.nn.functional.one_hot(index.long(), G).to(torch.float32).T @ dbias.reshape(B, L * c)
+    dtable = torch.zeros(table.shape, dtype=torch.float32, device=table.device)
+    dtable[:, :L] = per_task.view(G, L, c)
+    return dq, dk, dv, dtable.to(table.dtype)
+
+
+@_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, table, index, key_bias, scale, dropout_p, seed):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), table.new_empty(table.shape)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, table, index, key_bias, scale, dropout_p, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, table, index, key_bias, seed)
+    ctx.scale, ctx.dropout_p = scale, dropout_p
+
+
+def _attention_backward(ctx, dout, dlse):
+    q, k, v, out, lse, table, index, key_bias, seed = ctx.saved_tensors
+    dq, dk, dv, dtable = _attention_bwd(dout, q, k, v, out, lse, table, index, key_bias, ctx.scale, ctx.dropout_p,
+                                        seed)
+    return dq, dk, dv, dtable, None, None, None, None, None
+
+
+_attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+def key_bias_from_mask(attn_mask: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    """A [B, L] key padding mask as the fp32 bias the kernels add: bool -> 0 / -inf, float -> itself."""
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype == torch.bool:
+        return torch.zeros(attn_mask.shape, dtype=torch.float32, device=like.device).masked_fill(~attn_mask,
+                                                                                                float("-inf"))
+    return attn_mask.to(torch.float32).contiguous()
+
+
+def draw_dropout_seed(dropout_p: float) -> torch.Tensor:
+    """A Philox seed from torch's default generator, so torch.manual_seed makes dropout reproducible."""
+    if dropout_p == 0.0:
+        return torch.zeros((), dtype=torch.int64)
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+
+
+def _triton_conditional_attention(q, k, v, table, index=None, attn_mask=None, dropout_p=0.0, scale=None,
+                                  head_mask=None, return_probs=False):
+    B, H, L, d = q.shape
+    if index is None:
+        index = torch.arange(B, device=q.device)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    out, _ = _attention_fwd(q, k, v, table, index.contiguous(), key_bias_from_mask(attn_mask, q), scale,
+                            float(dropout_p), draw_dropout_seed(dropout_p))
+    return out, None
+
+
 register("block_bias", "torch", torch_ref.block_bias)
 register("conditional_attention", "torch", torch_ref.conditional_attention)
+register("conditional_attention", "triton", _triton_conditional_attention)

@@ -1,0 +1,284 @@
+"""Fused conditional flash attention (Triton), forward and backward. Non-causal, the BERT case.
+
+For one example b and head h, with L the batch length, c the block width and
+t = index[b] the example's row of the FiLM-modulated block table T [G, L_max, c]:
+
+    S[i, j] = scale · q_i·k_j + M[i, j] + kb[b, j]
+    M[i, j] = T[t, i, j - c·(i // c)]  if i // c == j // c, else 0
+    P = softmax_j(S),   O = (P ∘ Z / (1 - p)) V
+
+kb is the key bias: 0 / -inf for a key padding mask, or the published
+additive (1 - mask)·-10000. Z is the dropout keep mask (Philox, regenerated
+in the backward from the same seed). The forward is the online softmax over
+key blocks and saves LSE_i = log Σ_j exp S[i, j]. A row with no key left
+(every kb = -inf) gives O = 0.
+
+Backward, with Δ_i = Σ_d dO[i, d]·O[i, d]:
+
+    dP = dO Vᵀ ∘ Z / (1 - p),   dS = P ∘ (dP - Δ)
+    dQ = scale · dS K,   dK = scale · dSᵀ Q,   dV = (P ∘ Z / (1 - p))ᵀ dO
+    dM[b, h, i, j - c·(i // c)] = dS[i, j] on the diagonal blocks
+
+Each (b, h, i, col) of dM is written by exactly one program with a plain
+store (deterministic, no atomics); the caller sums over heads and tasks.
+Under TRITON_INTERPRET=1, bf16 operands are upcast before ``tl.dot`` (the
+interpreter's bf16 dot is wrong).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _scores(q, kT, offs_m, offs_n, m0, n0, L, C, scale, table_row, stride_tl, stride_tc, key_bias_row,
+            HAS_KEY_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """S for the [BLOCK_M, BLOCK_N] tile at query row m0 and key n0, fp32, -inf on keys past L."""
+    s = tl.dot(q, kT, input_precision=PRECISION) * scale
+    band_lo = (m0 // C) * C
+    band_hi = ((tl.minimum(m0 + BLOCK_M, L) - 1) // C) * C + C - 1
+    if (n0 <= band_hi) & (n0 + BLOCK_N > band_lo):  # the tile meets the diagonal blocks
+        col = offs_n[None, :] - ((offs_m // C) * C)[:, None]
+        inside = (col >= 0) & (col < C) & (offs_m[:, None] < L) & (offs_n[None, :] < L)
+        s += tl.load(table_row + offs_m[:, None] * stride_tl + col * stride_tc, mask=inside, other=0.0).to(tl.float32)
+    if HAS_KEY_BIAS:
+        s += tl.load(key_bias_row + offs_n, mask=offs_n < L, other=0.0)[None, :]
+    return tl.where(offs_n[None, :] < L, s, float("-inf"))
+
+
+@triton.jit
+def _keep(seed, pid_bh, offs_m, offs_n, L, dropout_p):
+    """The dropout keep mask of a tile: Philox on (i·L + j, b·H + h)."""
+    c0 = (offs_m[:, None] * L + offs_n[None, :]).to(tl.uint32)
+    c1 = tl.zeros_like(c0) + pid_bh.to(tl.uint32)
+    zero = tl.zeros_like(c0)
+    r, _, _, _ = tl.philox(seed, c0, c1, zero, zero)
+    return tl.uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, TABLE, INDEX, KEY_BIAS,
+                sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
+                stg, stl, stc, skbb,
+                H, L, C, D, scale, dropout_p, seed,
+                HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < L
+    d_ok = offs_d < D
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    table_row = TABLE + tl.load(INDEX + b).to(tl.int64) * stg
+    key_bias_row = KEY_BIAS + b * skbb
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for n0 in range(0, L, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < L
+        kT = tl.load(K + b * skb + h * skh + offs_n[None, :] * skl + offs_d[:, None] * skd,
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :] * svd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            kT = kT.to(tl.float32)
+            v = v.to(tl.float32)
+        s = _scores(q, kT, offs_m, offs_n, pid_m * BLOCK_M, n0, L, C, scale, table_row, stl, stc, key_bias_row,
+                    HAS_KEY_BIAS, BLOCK_M, BLOCK_N, PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: no NaN
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(_keep(seed, pid_bh, offs_m, offs_n, L, dropout_p), p / (1.0 - dropout_p), 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :] * sod, out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    tl.store(LSE + pid_bh * L + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DBIAS, TABLE, INDEX, KEY_BIAS,
+                   sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdob, sdoh, sdol, sdod,
+                   stg, stl, stc, skbb, sgb, sgh, sgl, sgd,
+                   H, L, C, D, scale, dropout_p, seed,
+                   HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dQ for a block of query rows, and dS on the diagonal blocks into DBIAS [B, H, L, C]."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < L
+    d_ok = offs_d < D
+    tile_md = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :] * sqd, mask=tile_md, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdol + offs_d[None, :] * sdod, mask=tile_md, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(LSE + pid_bh * L + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + pid_bh * L + offs_m, mask=row_ok, other=0.0)
+    table_row = TABLE + tl.load(INDEX + b).to(tl.int64) * stg
+    key_bias_row = KEY_BIAS + b * skbb
+    dbias_rows = DBIAS + pid_bh.to(tl.int64) * L * C + offs_m[:, None] * C
+    band_lo = (pid_m * BLOCK_M // C) * C
+    band_hi = ((tl.minimum(pid_m * BLOCK_M + BLOCK_M, L) - 1) // C) * C + C - 1
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for n0 in range(0, L, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        tile_nd = (offs_n < L)[:, None] & d_ok[None, :]
+        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :] * skd, mask=tile_nd, other=0.0)
+        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :] * svd, mask=tile_nd, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = _scores(q, tl.trans(k), offs_m, offs_n, pid_m * BLOCK_M, n0, L, C, scale, table_row, stl, stc,
+                    key_bias_row,
+                    HAS_KEY_BIAS, BLOCK_M, BLOCK_N, PRECISION)
+        p = tl.exp(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            dp = tl.where(_keep(seed, pid_bh, offs_m, offs_n, L, dropout_p), dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        if (n0 <= band_hi) & (n0 + BLOCK_N > band_lo):
+            col = offs_n[None, :] - ((offs_m // C) * C)[:, None]
+            inside = (col >= 0) & (col < C) & row_ok[:, None] & (offs_n[None, :] < L)
+            tl.store(dbias_rows + col, ds, mask=inside)
+    tl.store(DQ + b * sgb + h * sgh + offs_m[:, None] * sgl + offs_d[None, :] * sgd,
+             (dq * scale).to(DQ.dtype.element_ty), mask=tile_md)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TABLE, INDEX, KEY_BIAS,
+                     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdob, sdoh, sdol, sdod,
+                     stg, stl, stc, skbb, sgb, sgh, sgl, sgd,
+                     H, L, C, D, scale, dropout_p, seed,
+                     HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dK and dV for a block of keys, looping over every query block (non-causal)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    tile_nd = (offs_n < L)[:, None] & d_ok[None, :]
+    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :] * skd, mask=tile_nd, other=0.0)
+    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :] * svd, mask=tile_nd, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    table_row = TABLE + tl.load(INDEX + b).to(tl.int64) * stg
+    key_bias_row = KEY_BIAS + b * skbb
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for m0 in range(0, L, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < L
+        tile_md = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :] * sqd, mask=tile_md, other=0.0)
+        do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdol + offs_d[None, :] * sdod, mask=tile_md,
+                     other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(LSE + pid_bh * L + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + pid_bh * L + offs_m, mask=row_ok, other=0.0)
+        s = _scores(q, tl.trans(k), offs_m, offs_n, m0, pid_n * BLOCK_N, L, C, scale, table_row, stl, stc,
+                    key_bias_row, HAS_KEY_BIAS, BLOCK_M, BLOCK_N, PRECISION)
+        p = tl.exp(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            keep = _keep(seed, pid_bh, offs_m, offs_n, L, dropout_p)
+            dv += tl.dot(tl.trans(tl.where(keep, p / (1.0 - dropout_p), 0.0).to(do.dtype)), do,
+                         input_precision=PRECISION)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        else:
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    # DK and DV are contiguous and alike: one set of strides (sg*) serves both.
+    grad_offs = b * sgb + h * sgh + offs_n[:, None] * sgl + offs_d[None, :] * sgd
+    tl.store(DK + grad_offs, (dk * scale).to(DK.dtype.element_ty), mask=tile_nd)
+    tl.store(DV + grad_offs, dv.to(DV.dtype.element_ty), mask=tile_nd)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _config(q: torch.Tensor):
+    """Block sizes and dot flags for q's dtype and head dim."""
+    d = q.shape[-1]
+    block_d = max(16, triton.next_power_of_2(d))
+    if _interpreting():
+        block = 16  # the interpreter is slow: small tiles keep test shapes cheap
+    else:
+        block = 64 if block_d <= 64 else 32
+    upcast = _interpreting() and q.dtype == torch.bfloat16
+    precision = "ieee" if (q.dtype == torch.float32 or q.dtype == torch.float64 or upcast) else "tf32"
+    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, UPCAST=upcast, PRECISION=precision)
+
+
+def _strides(t: torch.Tensor):
+    return tuple(t.stride())
+
+
+def attention_forward(q, k, v, table, index, key_bias, scale, dropout_p, seed):
+    """Launches the forward. Returns (out [B, H, L, d] contiguous, lse [B, H, L] fp32)."""
+    B, H, L, D = q.shape
+    cfg = _config(q)
+    out = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    has_kb = key_bias is not None
+    kb = key_bias if has_kb else lse  # any pointer; never read
+    grid = (triton.cdiv(L, cfg["BLOCK_M"]), B * H)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, table, index, kb,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        *_strides(table), key_bias.stride(0) if has_kb else 0,
+        H, L, table.shape[2], D, scale, dropout_p, seed,
+        HAS_KEY_BIAS=has_kb, DROPOUT=dropout_p > 0.0, **cfg,
+    )
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse, table, index, key_bias, scale, dropout_p, seed):
+    """Launches the backward. Returns dq, dk, dv (in q's layout and dtype) and dM [B, L, c] fp32 (summed over heads)."""
+    B, H, L, D = q.shape
+    C = table.shape[2]
+    cfg = _config(q)
+    delta = (dout.float() * out.float()).sum(-1).contiguous()
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))  # contiguous
+    dbias = torch.zeros((B, H, L, C), dtype=torch.float32, device=q.device)  # positions off the band stay 0
+    has_kb = key_bias is not None
+    kb = key_bias if has_kb else lse
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(table),
+              key_bias.stride(0) if has_kb else 0, *_strides(dq), H, L, C, D, scale, dropout_p, seed)
+    flags = dict(HAS_KEY_BIAS=has_kb, DROPOUT=dropout_p > 0.0, **cfg)
+    _bwd_dq_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), B * H)](
+        q, k, v, dout, lse, delta, dq, dbias, table, index, kb, *common, **flags)
+    _bwd_dkdv_kernel[(triton.cdiv(L, cfg["BLOCK_N"]), B * H)](
+        q, k, v, dout, lse, delta, dk, dv, table, index, kb, *common, **flags)
+    return dq, dk, dv, dbias.sum(dim=1)
