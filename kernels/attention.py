@@ -237,7 +237,8 @@ def _config(q: torch.Tensor):
     else:
         block = 64 if block_d <= 64 else 32
     upcast = _interpreting() and q.dtype == torch.bfloat16
-    precision = "ieee" if (q.dtype == torch.float32 or q.dtype == torch.float64 or upcast) else "tf32"
+    # fp32 operands: exact products (no TF32); 16-bit operands: the default.
+    precision = "ieee" if (q.dtype == torch.float32 or upcast) else None
     return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, UPCAST=upcast, PRECISION=precision)
 
 
