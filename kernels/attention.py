@@ -252,6 +252,8 @@ def attention_forward(q, k, v, table, index, key_bias, scale, dropout_p, seed):
     cfg = _config(q)
     out = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
     has_kb = key_bias is not None
     kb = key_bias if has_kb else lse  # any pointer; never read
     grid = (triton.cdiv(L, cfg["BLOCK_M"]), B * H)
@@ -273,6 +275,8 @@ def attention_backward(dout, q, k, v, out, lse, table, index, key_bias, scale, d
     delta = (dout.float() * out.float()).sum(-1).contiguous()
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))  # contiguous
     dbias = torch.zeros((B, H, L, C), dtype=torch.float32, device=q.device)  # positions off the band stay 0
+    if dq.numel() == 0:
+        return dq, dk, dv, dbias.sum(dim=1)
     has_kb = key_bias is not None
     kb = key_bias if has_kb else lse
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(table),

@@ -202,3 +202,13 @@ def test_module_uses_the_kernel_and_the_reference_for_probabilities(device):
         (ctx_kernel,) = module(h, task_embedding=z)
     assert probs.shape == (2, 2, 20, 20)
     assert_close(ctx_kernel, ctx, torch.float32)
+
+
+@pytest.mark.parametrize("B,L", [(0, 8), (2, 0)], ids=["no example", "no token"])
+def test_empty_inputs(B, L, device):
+    q = torch.randn(B, 2, L, 32, device=device, requires_grad=True)
+    table = torch.randn(2, 8, 3, device=device, requires_grad=True)
+    out = run("triton", [q, q, q, table], torch.zeros(B, dtype=torch.long, device=device))
+    out.sum().backward()
+    assert out.shape == q.shape and q.grad.shape == q.shape
+    assert (table.grad == 0).all()
