@@ -212,3 +212,11 @@ def test_empty_inputs(B, L, device):
     out.sum().backward()
     assert out.shape == q.shape and q.grad.shape == q.shape
     assert (table.grad == 0).all()
+
+
+def test_long_sequence(device):
+    """L >= 512 (BERT's longest), not a multiple of the tile, with the large model's wide blocks (c = 256)."""
+    tensors, index = make(1, 1, 515, 32, 2, 520, 256, torch.float32, device)
+    keep = torch.ones(1, 515, dtype=torch.bool, device=device)
+    keep[0, 400:] = False
+    compare_backends(tensors, index, torch.float32, keep)
