@@ -27,7 +27,8 @@ from common import setup_threads  # noqa: E402
 
 BENCHES = [
     "bench_modules",
-    # later: "bench_attention", "bench_norm_adapter", "bench_model"
+    "bench_attention",
+    # later: "bench_norm_adapter", "bench_model"
 ]
 
 
@@ -53,7 +54,8 @@ def main(argv=None) -> int:
         bench = importlib.import_module(name)
         rows = bench.run(device, args.quick)
         bench.print_table(rows)
-        failed += [f"{name}: {row.get('module', row)}" for row in rows if row.get("pass") is False]
+        failed += [f"{name}: {row.get('module') or row.get('name') or row.get('impl')}"
+                   for row in rows if row.get("pass") is False]
         if args.out:
             path = os.path.join(args.out, f"{name}.json")
             with open(path, "w") as f:
