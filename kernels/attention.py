@@ -27,11 +27,11 @@ interpreter's bf16 dot is wrong).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._common import dot_flags, interpreting
 
 
 @triton.jit
@@ -224,21 +224,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TABLE, INDEX, KEY_BIAS,
     tl.store(DV + grad_offs, dv.to(DV.dtype.element_ty), mask=tile_nd)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _config(q: torch.Tensor):
     """Block sizes and dot flags for q's dtype and head dim."""
     d = q.shape[-1]
     block_d = max(16, triton.next_power_of_2(d))
-    if _interpreting():
+    if interpreting():
         block = 16  # the interpreter is slow: small tiles keep test shapes cheap
     else:
         block = 64 if block_d <= 64 else 32
-    upcast = _interpreting() and q.dtype == torch.bfloat16
-    # fp32 operands: exact products (no TF32); 16-bit operands: the default.
-    precision = "ieee" if (q.dtype == torch.float32 or upcast) else None
+    upcast, precision = dot_flags(q.dtype)
     return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, UPCAST=upcast, PRECISION=precision)
 
 

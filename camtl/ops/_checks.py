@@ -72,3 +72,10 @@ def index(op: str, name: str, idx: Optional[torch.Tensor], batch: int, rows: int
                 f"{op}: argument '{name}' holds {bad}, out of range: task ids must be in [0, {rows}) "
                 f"({rows_name}={rows} table rows)"
             )
+
+
+def kernel_dtype(t: torch.Tensor) -> Optional[str]:
+    """Why the fused kernels cannot take t's dtype (a reference-only reason for ``resolve``), or None."""
+    if t.dtype == torch.float64:
+        return "the fused kernels take float32, float16 and bfloat16, not float64"
+    return None

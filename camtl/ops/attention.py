@@ -20,6 +20,7 @@ import torch
 
 from camtl.backends import register, resolve, torch_ref
 from camtl.ops import _checks
+from camtl.ops._reduce import per_task_sum
 
 
 def _check_table(op: str, table: torch.Tensor, index: Optional[torch.Tensor], batch: int, seq_len: int,
@@ -142,8 +143,8 @@ def _unsupported_by_kernels(q, v, attn_mask) -> Optional[str]:
         return "the fused kernels take a [B, L] key padding mask, not a 4-D mask"
     if v.shape[-1] != q.shape[-1]:
         return "the fused kernels need v's head dim equal to q's"
-    if q.dtype == torch.float64:
-        return "the fused kernels take float32, float16 and bfloat16, not float64"
+    if _checks.kernel_dtype(q) is not None:
+        return _checks.kernel_dtype(q)
     if q.shape[-1] > 256:
         return f"the fused kernels take head dims up to 256, got {q.shape[-1]}"
     return None
@@ -176,12 +177,9 @@ def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
 
     dq, dk, dv, dbias = attention_backward(dout, q, k, v, out, lse, table, index, key_bias, scale, dropout_p,
                                            int(seed.item()))
-    B, L, c = dbias.shape
-    G = table.shape[0]
-    # A one-hot GEMM, not index_add_: the sum per task stays deterministic on the GPU.
-    per_task = torch.nn.functional.one_hot(index.long(), G).to(torch.float32).T @ dbias.reshape(B, L * c)
+    L = dbias.shape[1]
     dtable = torch.zeros(table.shape, dtype=torch.float32, device=table.device)
-    dtable[:, :L] = per_task.view(G, L, c)
+    dtable[:, :L] = per_task_sum(dbias[:, None], index, table.shape[0])
     return dq, dk, dv, dtable.to(table.dtype)
 
 

@@ -10,12 +10,13 @@ the conditional attention.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from camtl.backends import register, resolve, torch_ref
 from camtl.ops import _checks
+from camtl.ops._reduce import per_task_sum
 
 
 def check_film(op: str, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
@@ -50,8 +51,70 @@ def film(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
         [B, L, D] in x's dtype.
     """
     check_film("camtl.ops.film", x, gamma, beta, index)
-    _, fn = resolve("film", x.device)
+    _, fn = resolve("film", x.device, _checks.kernel_dtype(x))
     return fn(x, gamma, beta, index)
 
 
+# ---- the fused (Triton) implementation, as torch.library ops ---------------------------------------------------
+
+@torch.library.custom_op("camtl::film_fwd", mutates_args=())
+def _film_fwd(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[B, L, D] with B = len(index); x is [B, L, D] or [L, D]."""
+    from camtl.kernels.film import film_forward
+
+    return film_forward(x, gamma, beta, index)
+
+
+@_film_fwd.register_fake
+def _(x, gamma, beta, index):
+    return x.new_empty((index.shape[0], *x.shape[-2:]))
+
+
+def film_backward(dout: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor,
+                  index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The FiLM kernel's backward with the per-task sums: dx (x's dtype), dgamma and dbeta [G, D] fp32.
+
+    Also the second half of camtl::film_linear_bwd.
+    """
+    from camtl.kernels.film import film_backward as launch
+
+    dx, dscale, dshift = launch(dout, x, gamma, index)
+    G = gamma.shape[0]
+    return dx, per_task_sum(dscale, index, G), per_task_sum(dshift, index, G)
+
+
+@torch.library.custom_op("camtl::film_bwd", mutates_args=())
+def _film_bwd(dout: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor,
+              index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dgamma, dbeta). A shared x [L, D] gets the sum over the batch."""
+    dx, dgamma, dbeta = film_backward(dout, x, gamma, index)
+    return dx, dgamma.to(gamma.dtype), dbeta.to(gamma.dtype)
+
+
+@_film_bwd.register_fake
+def _(dout, x, gamma, index):
+    return x.new_empty(x.shape), gamma.new_empty(gamma.shape), gamma.new_empty(gamma.shape)
+
+
+def _film_setup_context(ctx, inputs, output):
+    x, gamma, beta, index = inputs
+    ctx.save_for_backward(x, gamma, index)
+
+
+def _film_backward(ctx, dout):
+    x, gamma, index = ctx.saved_tensors
+    dx, dgamma, dbeta = _film_bwd(dout, x, gamma, index)
+    return dx, dgamma, dbeta, None
+
+
+_film_fwd.register_autograd(_film_backward, setup_context=_film_setup_context)
+
+
+def _triton_film(x, gamma, beta, index=None):
+    if index is None:
+        index = torch.arange(gamma.shape[0], device=x.device)  # check_film: one row per example
+    return _film_fwd(x, gamma, beta, index)
+
+
 register("film", "torch", torch_ref.film)
+register("film", "triton", _triton_film)

@@ -12,12 +12,13 @@ serves the whole batch.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from camtl.backends import register, resolve, torch_ref
 from camtl.ops import _checks
+from camtl.ops._reduce import per_task_sum
 
 
 def conditional_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -57,8 +58,81 @@ def conditional_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     if not eps > 0:
         raise ValueError(f"{op}: argument 'eps' must be > 0, got {eps}")
     _checks.index(op, "index", index, x.shape[0], gamma.shape[0], x.device)
-    _, fn = resolve("conditional_layer_norm", x.device)
+    _, fn = resolve("conditional_layer_norm", x.device, _unsupported_by_kernels(x))
     return fn(x, weight, bias, gamma, beta, index, eps, residual)
 
 
+_KERNEL_MAX_D = 16384  # a kernel program holds whole rows in registers
+
+
+def _unsupported_by_kernels(x) -> Optional[str]:
+    """Why the fused kernel cannot take these inputs, or None."""
+    if x.shape[-1] > _KERNEL_MAX_D:
+        return f"the fused kernel takes hidden sizes up to {_KERNEL_MAX_D}, got {x.shape[-1]}"
+    return _checks.kernel_dtype(x)
+
+
+# ---- the fused (Triton) implementation, as torch.library ops ---------------------------------------------------
+
+@torch.library.custom_op("camtl::conditional_layer_norm_fwd", mutates_args=())
+def _cln_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+             index: torch.Tensor, residual: Optional[torch.Tensor], eps: float
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, rstd): y like x, mean and rstd [B, *] fp32 (the statistics of x + residual)."""
+    from camtl.kernels.layer_norm import layer_norm_forward
+
+    return layer_norm_forward(x, weight, bias, gamma, beta, index, residual, eps)
+
+
+@_cln_fwd.register_fake
+def _(x, weight, bias, gamma, beta, index, residual, eps):
+    stats = x.shape[:-1]
+    return x.new_empty(x.shape), x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32)
+
+
+@torch.library.custom_op("camtl::conditional_layer_norm_bwd", mutates_args=())
+def _cln_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+             index: torch.Tensor, residual: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias, dgamma, dbeta); dx is also the gradient of the residual."""
+    from camtl.kernels.layer_norm import layer_norm_backward
+
+    dx, dscale, dbias = layer_norm_backward(dy, x, weight, gamma, beta, index, residual, mean, rstd)
+    dbeta = per_task_sum(dscale, index, gamma.shape[0])  # [G, D]: Σ dy∘x̂ over the rows of each task
+    dgamma = dbeta * weight.float()
+    dweight = ((1 + gamma.float()) * dbeta).sum(0)
+    return (dx, dweight.to(weight.dtype), dbias.sum((0, 1)).to(weight.dtype), dgamma.to(gamma.dtype),
+            dbeta.to(gamma.dtype))
+
+
+@_cln_bwd.register_fake
+def _(dy, x, weight, gamma, beta, index, residual, mean, rstd):
+    return (x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape),
+            gamma.new_empty(gamma.shape), gamma.new_empty(gamma.shape))
+
+
+def _cln_setup_context(ctx, inputs, output):
+    x, weight, bias, gamma, beta, index, residual, eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, gamma, beta, index, residual, mean, rstd)
+
+
+def _cln_backward(ctx, dy, dmean, drstd):
+    x, weight, gamma, beta, index, residual, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias, dgamma, dbeta = _cln_bwd(dy, x, weight, gamma, beta, index, residual, mean, rstd)
+    # y depends on x + residual only: both get dx (as an add's backward does).
+    return dx, dweight, dbias, dgamma, dbeta, None, (dx if residual is not None else None), None
+
+
+_cln_fwd.register_autograd(_cln_backward, setup_context=_cln_setup_context)
+
+
+def _triton_conditional_layer_norm(x, weight, bias, gamma, beta, index=None, eps=1e-5, residual=None):
+    if index is None:
+        index = torch.arange(x.shape[0], device=x.device)
+    y, _, _ = _cln_fwd(x, weight, bias, gamma, beta, index, residual, float(eps))
+    return y
+
+
 register("conditional_layer_norm", "torch", torch_ref.conditional_layer_norm)
+register("conditional_layer_norm", "triton", _triton_conditional_layer_norm)

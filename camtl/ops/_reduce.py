@@ -1,0 +1,23 @@
+"""The second stage of the kernels' deterministic reductions: partial sums per example, summed per task."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def per_task_sum(partials: torch.Tensor, index: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """out[g] = Σ_{b: index[b] = g} Σ_p partials[b, p], fp32.
+
+    partials: [B, P, *F] (P partials per example, e.g. one per program);
+    index: [B] task of each example. Returns [num_tasks, *F]; a task absent
+    from the batch gets exact zeros. A one-hot GEMM, not index_add_: on the
+    GPU index_add_ uses atomics, whose order (and so the rounding) varies run
+    to run; a GEMM sums in a fixed order.
+    """
+    B, P = partials.shape[:2]
+    features = partials.shape[2:]
+    onehot = torch.nn.functional.one_hot(index.long(), num_tasks).to(torch.float32)  # [B, G]
+    onehot = onehot.repeat_interleave(P, dim=0)  # [B·P, G]: row b·P + p is partial p of example b
+    return (onehot.T @ partials.reshape(B * P, math.prod(features)).to(torch.float32)).view(num_tasks, *features)
