@@ -13,8 +13,8 @@ fi
 status=0
 "$PY" -m pip install --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { echo "install failed: $OUT/install.log"; exit 1; }
 { date -u +"%Y-%m-%dT%H:%M:%SZ"; nvidia-smi || true; "$PY" -m camtl info; } 2>&1 | tee "$OUT/environment.txt"
-timeout 220 "$PY" -m pytest tests/gpu -q -p no:cacheprovider --junitxml "$OUT/gpu-tests.xml" 2>&1 \
+timeout 240 "$PY" -m pytest tests/gpu -q -p no:cacheprovider --junitxml "$OUT/gpu-tests.xml" 2>&1 \
   | tee "$OUT/gpu-tests.txt" || status=1
-timeout 280 "$PY" benchmarks/run.py --out "$OUT" 2>&1 | tee "$OUT/bench.txt" || status=1
+timeout 270 "$PY" benchmarks/run.py --out "$OUT" 2>&1 | tee "$OUT/bench.txt" || status=1
 echo "gpu-check: results in $OUT (status $status)"
 exit $status
