@@ -82,16 +82,17 @@ class FiLM(nn.Module):
         gamma, beta = self.gb_weights(x_cond).chunk(2, dim=-1)
         return gamma, beta
 
-    def forward(self, x_cond, x_to_film):
+    def forward(self, x_cond, x_to_film, task_id=None):
+        """task_id (an extension): x_cond is then one row per task [T, input_size] and example b uses row task_id[b]."""
         gamma, beta = self.gamma_beta(x_cond)
         width = gamma.shape[-1]
         _check_input(type(self).__name__, "x_to_film", x_to_film, f"[B, L, {width}], [L, {width}] or [{width}]",
                      (1, 2, 3), width, self.gb_weights.weight)
         x = x_to_film.unsqueeze(0) if x_to_film.dim() == 1 else x_to_film
-        if x.dim() == 3 and x.shape[0] != x_cond.shape[0]:
+        if task_id is None and x.dim() == 3 and x.shape[0] != x_cond.shape[0]:
             raise ValueError(f"{type(self).__name__}: 'x_to_film' has batch {x.shape[0]} but 'x_cond' has "
                              f"{x_cond.shape[0]} rows; a 3-D x_to_film is [B, L, D]")
-        out = ops.film(x, gamma, beta)
+        out = ops.film(x, gamma, beta, task_id)
         if self.layer_norm is not None:
             out = self.layer_norm(out)
         return out
@@ -113,7 +114,7 @@ class CBDA(FiLM):
         self.blocks = blocks
 
     def film_table(self, x_cond, x_to_film):
-        """The FiLM-modulated table [B, L, c]: one row of the block table per example."""
+        """The FiLM-modulated table [rows of x_cond, L, c]: one block table per row of x_cond."""
         _check_input(type(self).__name__, "x_to_film", x_to_film, "[L, c]", (2,), None, self.gb_weights.weight)
         return super().forward(x_cond, x_to_film)
 
@@ -132,7 +133,8 @@ class ConditionalLayerNorm(nn.Module):
     As published, each task uses the ``condition`` row of its first example.
 
     forward(input_ [B, *, D], condition [B, condition_size], task_id [B], residual=None) -> [B, *, D].
-    ``residual`` (an extension) is added to input_ inside the op: LN(input_ + residual).
+    Extensions: ``residual`` is added to input_ inside the op, LN(input_ + residual);
+    with ``condition_per_task=True``, condition is one row per task [T, condition_size].
     """
 
     __constants__ = ["normalized_shape", "condition_size", "weight", "bias", "eps"]
@@ -156,22 +158,23 @@ class ConditionalLayerNorm(nn.Module):
         nn.init.ones_(self.weight)
         nn.init.zeros_(self.bias)
 
-    def forward(self, input_, condition, task_id, residual=None):
+    def forward(self, input_, condition, task_id, residual=None, condition_per_task=False):
         name = type(self).__name__
         D = self.normalized_shape[0]
         _check_input(name, "input_", input_, f"[B, *, {D}]", range(2, 9), D, self.weight)
         B = input_.shape[0]
-        _check_input(name, "condition", condition, f"[B={B}, {self.condition_size}]", (2,), self.condition_size,
+        rows = "T" if condition_per_task else f"B={B}"
+        _check_input(name, "condition", condition, f"[{rows}, {self.condition_size}]", (2,), self.condition_size,
                      self.weight)
-        if condition.shape[0] != B:
+        if not condition_per_task and condition.shape[0] != B:
             raise ValueError(f"{name}: 'condition' has {condition.shape[0]} rows but input_ has batch {B}")
         if not isinstance(task_id, torch.Tensor) or task_id.dim() != 1 or task_id.shape[0] != B \
                 or task_id.is_floating_point() or task_id.is_complex():
             got = shape_str(task_id.shape) + f" {task_id.dtype}" if isinstance(task_id, torch.Tensor) else task_id
             raise ValueError(f"{name}: 'task_id' must be an integer tensor of shape [B={B}], got {got}")
         gamma, beta = self.ln_weight_modulation.gamma_beta(condition)
-        first = first_row_of_task(task_id.to(condition.device))
-        return ops.conditional_layer_norm(input_, self.weight, self.bias, gamma, beta, first, self.eps, residual)
+        index = task_id if condition_per_task else first_row_of_task(task_id.to(condition.device))
+        return ops.conditional_layer_norm(input_, self.weight, self.bias, gamma, beta, index, self.eps, residual)
 
     def extra_repr(self):
         return "{normalized_shape}, {condition_size}, eps={eps}".format(**self.__dict__)
@@ -190,18 +193,19 @@ class ConditionalBottleNeck(nn.Module):
         self.down_proj_layer = nn.Linear(config.hidden_size, config.hidden_size // 3)
         self.up_proj_layer = nn.Linear(config.hidden_size // 3, config.hidden_size)
 
-    def forward(self, x_cond, hidden_states):
+    def forward(self, x_cond, hidden_states, task_id=None):
+        """task_id (an extension): x_cond is then one row per task [T, d] and example b uses row task_id[b]."""
         name = type(self).__name__
         d = self.emb_transf.in_features
         weight = self.emb_transf.weight
         _check_input(name, "x_cond", x_cond, f"[B, {d}]", (2,), d, weight)
         _check_input(name, "hidden_states", hidden_states, f"[B, L, {d}]", (3,), d, weight)
-        if hidden_states.shape[0] != x_cond.shape[0]:
+        if task_id is None and hidden_states.shape[0] != x_cond.shape[0]:
             raise ValueError(f"{name}: 'hidden_states' has batch {hidden_states.shape[0]} but 'x_cond' has "
                              f"{x_cond.shape[0]} rows")
         gamma, beta = self.hidden_modulation.gamma_beta(self.emb_transf(x_cond))
         down = self.down_proj_layer
-        hidden = ops.film_linear(hidden_states, gamma, beta, None, down.weight, down.bias)
+        hidden = ops.film_linear(hidden_states, gamma, beta, task_id, down.weight, down.bias)
         return self.up_proj_layer(hidden)
 
 
@@ -279,7 +283,10 @@ class ConditionalSelfAttention(nn.Module):
         return attention_mask
 
     def forward(self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None,
-                encoder_attention_mask=None, task_embedding=None):
+                encoder_attention_mask=None, task_embedding=None, task_id=None, output_attentions=None):
+        """Extensions: with ``task_id`` [B], task_embedding is one row per task [T, D];
+        ``output_attentions`` overrides config.output_attentions for this call."""
+        output_attentions = self.output_attentions if output_attentions is None else output_attentions
         name = type(self).__name__
         hidden = self.query.in_features
         weight = self.query.weight
@@ -291,7 +298,7 @@ class ConditionalSelfAttention(nn.Module):
         if task_embedding is None:
             raise ValueError(f"{name}: 'task_embedding' [B, {hidden}] is required (CA-MTL attention is conditional)")
         _check_input(name, "task_embedding", task_embedding, f"[B={B}, {hidden}]", (2,), hidden, weight)
-        if task_embedding.shape[0] != B:
+        if task_id is None and task_embedding.shape[0] != B:
             raise ValueError(f"{name}: 'task_embedding' has {task_embedding.shape[0]} rows but hidden_states has "
                              f"batch {B}")
         if encoder_hidden_states is not None:  # published behaviour: only the values come from the encoder
@@ -304,13 +311,13 @@ class ConditionalSelfAttention(nn.Module):
 
         table = self.cond_block_diag_attn.film_table(task_embedding, self.random_weight_matrix)
         result = ops.conditional_attention(
-            query_layer, key_layer, value_layer, table, None, self._key_mask(attention_mask, B),
+            query_layer, key_layer, value_layer, table, task_id, self._key_mask(attention_mask, B),
             dropout_p=self.dropout.p if self.training else 0.0, head_mask=head_mask,
-            return_probs=self.output_attentions,
+            return_probs=output_attentions,
         )
-        context, probs = result if self.output_attentions else (result, None)
+        context, probs = result if output_attentions else (result, None)
         context = context.permute(0, 2, 1, 3).reshape(B, L, self.all_head_size)
-        return (context, probs) if self.output_attentions else (context,)
+        return (context, probs) if output_attentions else (context,)
 
 
 MyBertSelfAttention9 = ConditionalSelfAttention

@@ -238,3 +238,26 @@ def test_self_attention_mask_with_batch_of_one_broadcasts():
     torch.testing.assert_close(one, full, rtol=0, atol=0)
     _raises(ValueError, ["'attn_mask'", "[B, L]=[3, 12]"],
             lambda: ours(h, extended_mask(torch.ones(2, 12, dtype=torch.bool)), task_embedding=z))
+
+
+def test_per_task_conditions_equal_per_example_rows():
+    """The task_id extensions: one condition row per task, gathered by task id, equals per-example rows."""
+    T, B = 3, 5
+    task_id = torch.tensor([2, 0, 2, 1, 0])
+    z = f64(T, 24)
+    torch.manual_seed(1)
+    film, cln = cnn.FiLM(24, 24).double(), cnn.ConditionalLayerNorm(24, 24).double()
+    bott = cnn.ConditionalBottleNeck(bert_config()).double()
+    _, attn = attention_twin()
+    randomize_(film), randomize_(cln), randomize_(bott), randomize_(attn)
+    h = f64(B, 12, 24)
+    pairs = [
+        (film(z, h, task_id=task_id), film(z[task_id], h)),
+        (cln(h, z, task_id, condition_per_task=True), cln(h, z[task_id], task_id)),
+        (bott(z, h, task_id=task_id), bott(z[task_id], h)),
+        (attn(h, task_embedding=z, task_id=task_id)[0], attn(h, task_embedding=z[task_id])[0]),
+    ]
+    for got, exp in pairs:
+        torch.testing.assert_close(got, exp, rtol=1e-12, atol=1e-12)
+    with pytest.raises(IndexError, match="task ids must be in"):
+        film(z, h, task_id=torch.tensor([0, 1, 3, 0, 0]))
