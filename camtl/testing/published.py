@@ -119,3 +119,139 @@ class PublishedSelfAttention(nn.Module):
         context = torch.matmul(probs, value).permute(0, 2, 1, 3).contiguous()
         context = context.view(*context.shape[:-2], self.all_head_size)
         return (context, probs) if self.output_attentions else (context,)
+
+
+# ---- whole encoders ------------------------------------------------------------------------------------------
+
+class _PublishedSublayerOutput(nn.Module):
+    def __init__(self, config, in_features, conditional):
+        super().__init__()
+        self.dense = nn.Linear(in_features, config.hidden_size)
+        self.conditional = conditional
+        self.LayerNorm = (PublishedConditionalLayerNorm(config.hidden_size, config.hidden_size, eps=config.layer_norm_eps)
+                          if conditional else nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps))
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden, input_tensor, z, task_type):
+        hidden = self.dropout(self.dense(hidden))
+        if self.conditional:
+            return self.LayerNorm(hidden + input_tensor, z, task_type)
+        return self.LayerNorm(hidden + input_tensor)
+
+
+class _PublishedAttention(nn.Module):
+    def __init__(self, config, conditional):
+        super().__init__()
+        self.self = PublishedSelfAttention(config)
+        self.output = _PublishedSublayerOutput(config, config.hidden_size, conditional)
+
+    def forward(self, hidden, mask, z, task_type):
+        return self.output(self.self(hidden, mask, task_embedding=z)[0], hidden, z, task_type)
+
+
+class _PublishedIntermediate(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+
+    def forward(self, hidden):
+        return F.gelu(self.dense(hidden))
+
+
+class _PublishedLayer(nn.Module):
+    def __init__(self, config, conditional):
+        super().__init__()
+        self.attention = _PublishedAttention(config, conditional)
+        self.intermediate = _PublishedIntermediate(config)
+        self.output = _PublishedSublayerOutput(config, config.intermediate_size, conditional)
+
+    def forward(self, hidden, mask, z, task_type):
+        attention_output = self.attention(hidden, mask, z, task_type)
+        return self.output(self.intermediate(attention_output), attention_output, z, task_type)
+
+
+class _PublishedAdapter(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.bottleneck = PublishedConditionalBottleNeck(config)
+        self.condlayernorm = PublishedConditionalLayerNorm(config.hidden_size, config.hidden_size,
+                                                           eps=config.layer_norm_eps)
+
+    def forward(self, bert_layer_input, hidden, z, task_type):
+        return self.condlayernorm(self.bottleneck(z, hidden) + bert_layer_input, z, task_type)
+
+
+class _PublishedAdapterLayer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.new_attention = _PublishedAttention(config, True)
+        self.new_intermediate = _PublishedIntermediate(config)
+        self.new_output = _PublishedSublayerOutput(config, config.intermediate_size, True)
+        self.adapter = _PublishedAdapter(config)
+
+    def forward(self, hidden, mask, z, task_type):
+        attention_output = self.new_attention(hidden, mask, z, task_type)
+        layer_output = self.new_output(self.new_intermediate(attention_output), attention_output, z, task_type)
+        return self.adapter(attention_output, layer_output, z, task_type)
+
+
+class _PublishedEmbeddings(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids, token_type_ids):
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+        out = self.word_embeddings(input_ids) + self.position_embeddings(positions) \
+            + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(out))
+
+
+class _PublishedEncoder(nn.Module):
+    def __init__(self, config, large):
+        super().__init__()
+        n = config.num_hidden_layers
+        self.large = large
+        self.task_transformation = nn.Linear(config.hidden_size, config.hidden_size)
+        if large:
+            plain = n // 2 + n % 2
+            self.layer = nn.ModuleList([_PublishedLayer(config, False) for _ in range(plain)]
+                                       + [_PublishedLayer(config, True) for _ in range(n - plain)])
+            self.adapter_layer = nn.ModuleList([PublishedConditionalBottleNeck(config) for _ in range(n)])
+        else:
+            self.layer = nn.ModuleList([_PublishedLayer(config, False) for _ in range(n // 2)]
+                                       + [_PublishedLayer(config, True) for _ in range(n // 2 - 1)]
+                                       + [_PublishedAdapterLayer(config)])
+
+    def forward(self, hidden, mask, z, task_type):
+        z = self.task_transformation(z)
+        hidden_film = torch.zeros_like(hidden)
+        for i, layer in enumerate(self.layer):
+            hidden = layer(hidden, mask, z, task_type)
+            if self.large:
+                hidden_film = self.adapter_layer[i](z, hidden + hidden_film)
+        return hidden_film if self.large else hidden
+
+
+class PublishedCaMtlEncoder(nn.Module):
+    """The published CaMtlBaseEncoder (large=False) / CaMtlLargeEncoder (large=True), per-example z, loops."""
+
+    def __init__(self, config, num_tasks, large=False):
+        super().__init__()
+        self.task_type_embeddings = nn.Embedding(num_tasks, config.hidden_size)
+        self.conditional_alignment = PublishedFiLM(config.hidden_size, config.hidden_size)
+        self.embeddings = _PublishedEmbeddings(config)
+        self.encoder = _PublishedEncoder(config, large)
+        self.pooler = nn.Module()
+        self.pooler.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, input_ids, attention_mask, token_type_ids, task_id):
+        z = self.task_type_embeddings(task_id)
+        mask = (1.0 - attention_mask[:, None, None, :].to(z.dtype)) * -10000.0
+        hidden = self.conditional_alignment(x_cond=z, x_to_film=self.embeddings(input_ids, token_type_ids))
+        sequence_output = self.encoder(hidden, mask, z, task_id)
+        return sequence_output, torch.tanh(self.pooler.dense(sequence_output[:, 0]))

@@ -1,0 +1,305 @@
+"""CA-MTL encoders on HF transformers: ``CaMtlBaseEncoder`` and ``CaMtlLargeEncoder``.
+
+State-dict keys are those of the published encoders of the same names
+(CAMTL/CA-MTL, ``src/model/encoders/ca_mtl_{base,large}.py``), so a published
+encoder state dict loads with ``strict=True`` and gives the published outputs.
+Every conditional piece runs through ``camtl.nn`` / ``camtl.ops``, so every
+backend applies. The FiLM generators run once per task (on the [T, D] task
+table), and each example gathers its task's row: equal to the published
+per-example computation, whose rows of one task are equal.
+
+Layouts (L = config.num_hidden_layers):
+- base: layers [0, L/2) plain BERT with conditional attention; [L/2, L-1) add a
+  conditional layer norm (CLN) in both sublayers; the last layer
+  (``new_attention``, ``new_intermediate``, ``new_output``, ``adapter``) is
+  trained from scratch, adapter = CLN(bottleneck(layer_out) + attention_out).
+- large: the first ceil(L/2) layers plain, the rest with CLN, and L
+  bottlenecks ``encoder.adapter_layer.i`` chained as hf = bottleneck(h_i + hf);
+  the encoder returns hf.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from transformers import BertConfig, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from camtl.nn import ConditionalBottleNeck, ConditionalLayerNorm, ConditionalSelfAttention, FiLM
+
+__all__ = ["CaMtlBaseEncoder", "CaMtlLargeEncoder"]
+
+
+class _Embeddings(nn.Module):
+    """BERT embeddings (same keys as transformers' BertEmbeddings)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None):
+        embeds = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        B, L = embeds.shape[:2]
+        if position_ids is None:
+            position_ids = torch.arange(L, device=embeds.device).expand(B, L)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros((B, L), dtype=torch.long, device=embeds.device)
+        out = embeds + self.position_embeddings(position_ids) + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(out))
+
+
+class _SublayerOutput(nn.Module):
+    """dense -> dropout -> LayerNorm(. + input), the LayerNorm plain or conditional (fused residual add)."""
+
+    def __init__(self, config, in_features, conditional):
+        super().__init__()
+        self.dense = nn.Linear(in_features, config.hidden_size)
+        self.conditional = conditional
+        if conditional:
+            self.LayerNorm = ConditionalLayerNorm(config.hidden_size, config.hidden_size, eps=config.layer_norm_eps)
+        else:
+            self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states, input_tensor, tasks, task_id):
+        hidden_states = self.dropout(self.dense(hidden_states))
+        if self.conditional:
+            return self.LayerNorm(hidden_states, tasks, task_id, residual=input_tensor, condition_per_task=True)
+        return self.LayerNorm(hidden_states + input_tensor)
+
+
+class _Intermediate(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = ACT2FN[config.hidden_act] if isinstance(config.hidden_act, str) \
+            else config.hidden_act
+
+    def forward(self, hidden_states):
+        return self.intermediate_act_fn(self.dense(hidden_states))
+
+
+class _Attention(nn.Module):
+    """``attention.self`` (conditional attention) and ``attention.output``."""
+
+    def __init__(self, config, conditional_ln):
+        super().__init__()
+        self.self = ConditionalSelfAttention(config)
+        self.output = _SublayerOutput(config, config.hidden_size, conditional_ln)
+
+    def forward(self, hidden_states, key_mask, tasks, task_id, output_attentions):
+        context, *probs = self.self(hidden_states, key_mask, task_embedding=tasks, task_id=task_id,
+                                    output_attentions=output_attentions)
+        return self.output(context, hidden_states, tasks, task_id), (probs[0] if probs else None)
+
+
+class _Layer(nn.Module):
+    """A BERT layer with conditional attention; with ``conditional_ln`` both sublayers use a CLN."""
+
+    def __init__(self, config, conditional_ln):
+        super().__init__()
+        self.attention = _Attention(config, conditional_ln)
+        self.intermediate = _Intermediate(config)
+        self.output = _SublayerOutput(config, config.intermediate_size, conditional_ln)
+
+    def forward(self, hidden_states, key_mask, tasks, task_id, output_attentions):
+        attention_output, probs = self.attention(hidden_states, key_mask, tasks, task_id, output_attentions)
+        out = self.output(self.intermediate(attention_output), attention_output, tasks, task_id)
+        return out, probs
+
+
+class _Adapter(nn.Module):
+    """adapter(attention_out, layer_out) = CLN(bottleneck(layer_out) + attention_out)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.bottleneck = ConditionalBottleNeck(config)
+        self.condlayernorm = ConditionalLayerNorm(config.hidden_size, config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, attention_output, layer_output, tasks, task_id):
+        hidden = self.bottleneck(tasks, layer_output, task_id=task_id)
+        return self.condlayernorm(hidden, tasks, task_id, residual=attention_output, condition_per_task=True)
+
+
+class _AdapterLayer(nn.Module):
+    """The base layout's top layer, trained from scratch (published sublayer names)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.new_attention = _Attention(config, conditional_ln=True)
+        self.new_intermediate = _Intermediate(config)
+        self.new_output = _SublayerOutput(config, config.intermediate_size, conditional=True)
+        self.adapter = _Adapter(config)
+
+    def forward(self, hidden_states, key_mask, tasks, task_id, output_attentions):
+        attention_output, probs = self.new_attention(hidden_states, key_mask, tasks, task_id, output_attentions)
+        layer_output = self.new_output(self.new_intermediate(attention_output), attention_output, tasks, task_id)
+        return self.adapter(attention_output, layer_output, tasks, task_id), probs
+
+
+class _Encoder(nn.Module):
+    def __init__(self, config, layout):
+        super().__init__()
+        self.layout = layout
+        n = config.num_hidden_layers
+        self.task_transformation = nn.Linear(config.hidden_size, config.hidden_size)
+        if layout == "base":
+            plain, conditional = n // 2, n // 2 - 1
+            self.layer = nn.ModuleList([_Layer(config, False) for _ in range(plain)]
+                                       + [_Layer(config, True) for _ in range(conditional)]
+                                       + [_AdapterLayer(config)])
+        else:
+            plain = n // 2 + n % 2
+            self.layer = nn.ModuleList([_Layer(config, False) for _ in range(plain)]
+                                       + [_Layer(config, True) for _ in range(n - plain)])
+            self.adapter_layer = nn.ModuleList([ConditionalBottleNeck(config) for _ in range(n)])
+
+    def forward(self, hidden_states, key_mask, tasks, task_id, output_hidden_states, output_attentions):
+        tasks = self.task_transformation(tasks)  # z' for the attention, the CLNs and the bottlenecks
+        all_hidden: List[torch.Tensor] = []
+        all_probs: List[torch.Tensor] = []
+        hidden_film = torch.zeros_like(hidden_states) if self.layout == "large" else None
+        for i, layer in enumerate(self.layer):
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+            hidden_states, probs = layer(hidden_states, key_mask, tasks, task_id, output_attentions)
+            if output_attentions:
+                all_probs.append(probs)
+            if self.layout == "large":  # chained bottlenecks with a skip connection
+                hidden_film = self.adapter_layer[i](tasks, hidden_states + hidden_film, task_id=task_id)
+        if output_hidden_states:
+            all_hidden.append(hidden_states)
+        out = hidden_states if self.layout == "base" else hidden_film
+        return out, (tuple(all_hidden) if output_hidden_states else None), \
+            (tuple(all_probs) if output_attentions else None)
+
+
+class _Pooler(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states):
+        return torch.tanh(self.dense(hidden_states[:, 0]))
+
+
+class _CaMtlEncoder(PreTrainedModel):
+    """Shared by both layouts. Built as ``Cls(config: BertConfig, num_tasks=T, max_seq_length=L)``."""
+
+    config_class = BertConfig
+    base_model_prefix = "bert"
+    layout = ""
+
+    def __init__(self, config: BertConfig, num_tasks: Optional[int] = None, max_seq_length: Optional[int] = None):
+        num_tasks = num_tasks if num_tasks is not None else getattr(config, "num_tasks", None)
+        max_seq_length = max_seq_length if max_seq_length is not None else getattr(config, "max_seq_length", None)
+        if not isinstance(num_tasks, int) or num_tasks < 1:
+            raise ValueError(f"{type(self).__name__}: num_tasks must be a positive int, got {num_tasks!r}")
+        if not isinstance(max_seq_length, int) or max_seq_length < 1:
+            raise ValueError(f"{type(self).__name__}: max_seq_length must be a positive int, got {max_seq_length!r}")
+        if max_seq_length > config.max_position_embeddings:
+            raise ValueError(f"{type(self).__name__}: max_seq_length={max_seq_length} is greater than the "
+                             f"model's max_position_embeddings={config.max_position_embeddings}")
+        if self.layout == "base" and (config.num_hidden_layers < 2 or config.num_hidden_layers % 2):
+            raise ValueError(f"CaMtlBaseEncoder needs an even number of layers >= 2 (as published), "
+                             f"got num_hidden_layers={config.num_hidden_layers}")
+        config.num_tasks = num_tasks
+        config.max_seq_length = max_seq_length
+        config.camtl_layout = self.layout
+        super().__init__(config)
+        # The published construction order (it fixes the random init for a given seed).
+        self.task_type_embeddings = nn.Embedding(num_tasks, config.hidden_size)
+        self.conditional_alignment = FiLM(config.hidden_size, config.hidden_size)
+        self.embeddings = _Embeddings(config)
+        self.encoder = _Encoder(config, self.layout)
+        self.pooler = _Pooler(config)
+        self.post_init()
+
+    def _init_weights(self, module):
+        """BERT's init. Not touched: FiLM biases (zero), the CBDA matrices (zero), the CLN weights (ones)."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.data.normal_(mean=0.0, std=std)
+            if module.bias is not None:
+                module.bias.data.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.data.normal_(mean=0.0, std=std)
+            if module.padding_idx is not None:
+                module.weight.data[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.data.fill_(1.0)
+            module.bias.data.zero_()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word_embeddings = value
+
+    def _check_task_id(self, task_id, batch: int, device) -> torch.Tensor:
+        name = type(self).__name__
+        if task_id is None:
+            raise ValueError(f"{name}: task_id [B] is required (the task of each example)")
+        task_id = torch.as_tensor(task_id, device=device)
+        if task_id.dim() == 0:
+            task_id = task_id.expand(batch)
+        if task_id.dim() != 1 or task_id.shape[0] != batch or task_id.is_floating_point():
+            raise ValueError(f"{name}: task_id must be an integer tensor of shape [B={batch}], "
+                             f"got {tuple(task_id.shape)} {task_id.dtype}")
+        return task_id.long()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, task_id=None,
+                inputs_embeds=None, output_hidden_states=False, output_attentions=False, return_dict=True,
+                **kwargs) -> BaseModelOutputWithPooling:
+        """[0] the sequence output [B, L, D], [1] the pooled output [B, D]; ``.hidden_states`` when asked.
+
+        L may be any batch length <= max_seq_length (dynamic padding).
+        """
+        name = type(self).__name__
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError(f"{name}: give exactly one of input_ids and inputs_embeds")
+        shape = tuple(input_ids.shape) if input_ids is not None else tuple(inputs_embeds.shape[:2])
+        if len(shape) != 2:
+            raise ValueError(f"{name}: input_ids must be [B, L], got {shape}")
+        B, L = shape
+        if L > self.config.max_seq_length:
+            raise ValueError(f"{name}: the batch length {L} is greater than max_seq_length="
+                             f"{self.config.max_seq_length}; truncate the inputs")
+        device = input_ids.device if input_ids is not None else inputs_embeds.device
+        task_id = self._check_task_id(task_id, B, device)
+        if attention_mask is None:
+            attention_mask = torch.ones(shape, device=device)
+        if tuple(attention_mask.shape) != shape:
+            raise ValueError(f"{name}: attention_mask must be [B, L]={list(shape)}, got {list(attention_mask.shape)}")
+        dtype = self.task_type_embeddings.weight.dtype
+        # The published additive mask, in its published [B, 1, 1, L] layout.
+        key_mask = ((1.0 - attention_mask.to(dtype)) * -10000.0)[:, None, None, :]
+
+        tasks = self.task_type_embeddings.weight  # one row per task: every FiLM runs once per task
+        hidden = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
+        hidden = self.conditional_alignment(tasks, hidden, task_id=task_id)  # the raw task embedding z
+        sequence_output, all_hidden, all_probs = self.encoder(hidden, key_mask, tasks, task_id,
+                                                              output_hidden_states, output_attentions)
+        pooled_output = self.pooler(sequence_output)
+        out = BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=pooled_output,
+                                         hidden_states=all_hidden, attentions=all_probs)
+        return out if return_dict else out.to_tuple()
+
+
+class CaMtlBaseEncoder(_CaMtlEncoder):
+    """CA-MTL base layout (the published ``CaMtlBaseEncoder``)."""
+
+    layout = "base"
+
+
+class CaMtlLargeEncoder(_CaMtlEncoder):
+    """CA-MTL large layout (the published ``CaMtlLargeEncoder``)."""
+
+    layout = "large"
