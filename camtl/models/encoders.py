@@ -20,7 +20,8 @@ Layouts (L = config.num_hidden_layers):
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import re
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -237,6 +238,50 @@ class _CaMtlEncoder(PreTrainedModel):
             module.weight.data.fill_(1.0)
             module.bias.data.zero_()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, num_tasks: Optional[int] = None,
+                        max_seq_length: Optional[int] = None, init_top_layer_from_pretrained: bool = False,
+                        **kwargs):
+        """Loads a CA-MTL checkpoint (saved by ``save_pretrained``), or converts a plain BERT one.
+
+        A plain BERT checkpoint (BertModel keys) needs num_tasks and
+        max_seq_length; every pretrained weight is copied to its place, the
+        conditional modules start as published (FiLM biases and CBDA matrices
+        zero, CLN weights from the pretrained LayerNorms). The base layout's new
+        top layer starts fresh, or from the pretrained top layer with
+        ``init_top_layer_from_pretrained=True``.
+        """
+        config = kwargs.pop("config", None)
+        hub_keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+        hub_kwargs = {k: kwargs[k] for k in hub_keys if k in kwargs}
+        if config is None:
+            config = BertConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        layout = getattr(config, "camtl_layout", None)
+        if layout:
+            if layout != cls.layout:
+                raise ValueError(f"{pretrained_model_name_or_path} holds a CA-MTL {layout} encoder, "
+                                 f"not a {cls.layout} one: load it with the matching class")
+            for name, value in (("num_tasks", num_tasks), ("max_seq_length", max_seq_length)):
+                if value is not None and value != getattr(config, name):
+                    raise ValueError(f"{pretrained_model_name_or_path} was saved with {name}="
+                                     f"{getattr(config, name)}, not {value}")
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        if num_tasks is None or max_seq_length is None:
+            raise ValueError(f"converting the plain BERT checkpoint {pretrained_model_name_or_path} needs "
+                             f"num_tasks and max_seq_length")
+        model = cls(config, num_tasks=num_tasks, max_seq_length=max_seq_length)
+        state = bert_to_camtl_state_dict(_load_state_dict_file(pretrained_model_name_or_path, **hub_kwargs),
+                                         cls.layout, config.num_hidden_layers, init_top_layer_from_pretrained)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected:
+            raise KeyError(f"{pretrained_model_name_or_path}: weights the model does not have: {unexpected[:8]}")
+        shapes = {k: (tuple(v.shape), tuple(model.state_dict()[k].shape)) for k, v in state.items()
+                  if tuple(v.shape) != tuple(model.state_dict()[k].shape)}
+        if shapes:
+            raise ValueError(f"{pretrained_model_name_or_path}: shape mismatches {shapes}")
+        model.camtl_converted_missing_keys = sorted(missing)  # what starts fresh, for the curious
+        return model.eval()
+
     def get_input_embeddings(self):
         return self.embeddings.word_embeddings
 
@@ -291,6 +336,63 @@ class _CaMtlEncoder(PreTrainedModel):
         out = BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=pooled_output,
                                          hidden_states=all_hidden, attentions=all_probs)
         return out if return_dict else out.to_tuple()
+
+
+def _load_state_dict_file(name_or_path: str, **hub_kwargs) -> Dict[str, torch.Tensor]:
+    """The weights of a checkpoint (local folder or hub name): model.safetensors, else pytorch_model.bin."""
+    from transformers.utils import cached_file
+
+    path = cached_file(name_or_path, "model.safetensors", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    if path is not None:
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    path = cached_file(name_or_path, "pytorch_model.bin", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    if path is None:
+        raise FileNotFoundError(f"{name_or_path}: no model.safetensors or pytorch_model.bin found")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# Buffers some BERT checkpoints carry that are not weights.
+_IGNORED_BERT_KEYS = re.compile(r"(^|\.)(position_ids|token_type_ids)$")
+_BERT_PREFIXES = ("bert.", "model.")
+
+
+def bert_to_camtl_state_dict(bert_state: Dict[str, torch.Tensor], layout: str, num_layers: int,
+                             init_top_layer_from_pretrained: bool = False) -> Dict[str, torch.Tensor]:
+    """Maps a BertModel state dict (keys embeddings.*, encoder.layer.i.*, pooler.*) onto the CA-MTL keys.
+
+    Plain LayerNorm weights land on the conditional layer norms' ``weight``/``bias``
+    (same key names). The base layout's top layer is new (``new_attention`` ...):
+    its pretrained weights are dropped, or copied there with
+    ``init_top_layer_from_pretrained``. Raises if a pretrained weight has no place.
+    """
+    out, unplaced = {}, []
+    top = f"encoder.layer.{num_layers - 1}."
+    renames = {"attention.": "new_attention.", "intermediate.": "new_intermediate.", "output.": "new_output."}
+    for key, value in bert_state.items():
+        for prefix in _BERT_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        if _IGNORED_BERT_KEYS.search(key) or key.startswith(("cls.", "lm_head.")):
+            continue
+        if not key.startswith(("embeddings.", "encoder.layer.", "pooler.")):
+            unplaced.append(key)
+            continue
+        if layout == "base" and key.startswith(top):
+            if not init_top_layer_from_pretrained:
+                continue
+            rest = key[len(top):]
+            head = next((old for old in renames if rest.startswith(old)), None)
+            if head is None:
+                unplaced.append(key)
+                continue
+            key = top + renames[head] + rest[len(head):]
+        out[key] = value
+    if unplaced:
+        raise KeyError(f"these pretrained weights have no place in a CA-MTL {layout} encoder: {unplaced[:8]}"
+                       + (" ..." if len(unplaced) > 8 else ""))
+    return out
 
 
 class CaMtlBaseEncoder(_CaMtlEncoder):
