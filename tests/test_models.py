@@ -168,3 +168,71 @@ def test_save_pretrained_round_trip_is_bit_exact(cls, tmp_path):
     model.eval(), loaded.eval()
     assert torch.equal(model(ids, attention_mask=mask, task_id=task_id)[0],
                        loaded(ids, attention_mask=mask, task_id=task_id)[0])
+
+
+# ---- CaMtl: encoder + heads ------------------------------------------------------------------------------------
+
+from camtl.models import CaMtl  # noqa: E402
+
+TASK_LABELS = [2, 1, 3]  # classification, regression (STS-B-like), 3-way
+
+
+def camtl_model():
+    model = CaMtl(tiny_config(4), task_num_labels=TASK_LABELS, max_seq_length=12).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def test_published_full_checkpoint_loads_strict():
+    config = tiny_config(4)
+    config.max_seq_length = 12
+    encoder = PublishedCaMtlEncoder(config, num_tasks=3).double()
+    state = {f"bert.{k}": v for k, v in encoder.state_dict().items()}
+    for i, c in enumerate(TASK_LABELS):
+        state[f"decoders.{i}.model.weight"] = torch.randn(c, 24, dtype=torch.float64)
+        state[f"decoders.{i}.model.bias"] = torch.randn(c, dtype=torch.float64)
+    model = CaMtl(tiny_config(4), task_num_labels=TASK_LABELS, max_seq_length=12).double()
+    model.load_state_dict(state, strict=True)
+
+
+def test_heads_loss_and_entropy_against_a_loop():
+    model = camtl_model()
+    input_ids, attention_mask, token_type_ids, _ = batch(B=5)
+    task_id = torch.tensor([0, 1, 2, 0, 2])
+    labels = torch.tensor([1.0, 3.7, 2.0, 0.0, 1.0], dtype=torch.float64)
+    out = model(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, task_id=task_id,
+                labels=labels)
+    pooled = out.pooled_output
+    losses = {}
+    for b in range(5):
+        t = int(task_id[b])
+        logit = model.decoders[t].model(pooled[b])
+        torch.testing.assert_close(out.logits[b, : TASK_LABELS[t]], logit)
+        assert torch.isinf(out.logits[b, TASK_LABELS[t]:]).all()
+        if TASK_LABELS[t] == 1:
+            term, ent = (logit[0] - labels[b]) ** 2, 0.0
+        else:
+            term = -torch.log_softmax(logit, -1)[int(labels[b])]
+            p = torch.softmax(logit, -1)
+            ent = float(-(p * p.log()).sum().detach() / torch.log(torch.tensor(float(TASK_LABELS[t]))))
+        losses.setdefault(t, []).append(term)
+        assert abs(out.entropy[b].item() - ent) < 1e-6
+    expected = torch.stack([torch.stack(v).mean() for v in losses.values()]).mean()
+    torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()
+    assert model.decoders[1].model.weight.grad.abs().sum() > 0
+
+
+def test_task_absent_and_bad_labels():
+    model = camtl_model()
+    input_ids, attention_mask, _, _ = batch()
+    out = model(input_ids[:3], attention_mask=attention_mask[:3], task_id=torch.tensor([0, 0, 2]),
+                labels=torch.tensor([1.0, 0.0, 2.0]))
+    assert out.task_loss[1] == 0 and out.task_loss[0] > 0
+    with pytest.raises(ValueError, match="label 2.0"):
+        model(input_ids[:3], attention_mask=attention_mask[:3], task_id=torch.tensor([0, 0, 2]),
+              labels=torch.tensor([1.0, 2.0, 2.0]))
+    with pytest.raises(ValueError, match="task_num_labels"):
+        CaMtl(tiny_config(4), task_num_labels=[], max_seq_length=12)
