@@ -28,7 +28,8 @@ from common import setup_threads  # noqa: E402
 BENCHES = [
     "bench_modules",
     "bench_attention",
-    # later: "bench_norm_adapter", "bench_model"
+    "bench_norm_adapter",
+    # later: "bench_model"
 ]
 
 

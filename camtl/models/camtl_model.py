@@ -40,6 +40,8 @@ class CaMtlOutput(ModelOutput):
     logits: Optional[torch.Tensor] = None  # [B, C_max], -inf past each task's classes
     entropy: Optional[torch.Tensor] = None  # [B] normalized prediction entropy (detached)
     task_loss: Optional[torch.Tensor] = None  # [T] each task's mean loss, 0 for tasks absent from the batch
+    task_loss_sum: Optional[torch.Tensor] = None  # [T] each task's summed loss (with grad), for distributed means
+    task_count: Optional[torch.Tensor] = None  # [T] examples of each task in the batch
     sequence_output: Optional[torch.Tensor] = None
     pooled_output: Optional[torch.Tensor] = None
     hidden_states: Optional[tuple] = None
@@ -113,10 +115,14 @@ class CaMtl(PreTrainedModel):
         logits = logits.masked_fill(~valid, float("-inf"))
 
         entropy = self._normalized_entropy(logits.detach(), counts[task_id])
-        loss = task_loss = None
+        loss = task_loss = task_sum = task_count = None
         if labels is not None:
-            loss, task_loss = self._loss(logits, labels, task_id, counts)
+            task_sum, task_count = self._task_loss_sums(logits, labels, task_id, counts)
+            task_loss = task_sum / task_count.clamp_min(1)
+            loss = task_loss[task_count > 0].mean()
+            task_loss = task_loss.detach()
         return CaMtlOutput(loss=loss, logits=logits, entropy=entropy, task_loss=task_loss,
+                           task_loss_sum=task_sum, task_count=task_count,
                            sequence_output=enc.last_hidden_state, pooled_output=enc.pooler_output,
                            hidden_states=enc.hidden_states)
 
@@ -128,8 +134,8 @@ class CaMtl(PreTrainedModel):
         max_h = torch.log(num_classes.float()).clamp_min(1e-12)
         return torch.where(num_classes > 1, h / max_h, torch.zeros_like(h))
 
-    def _loss(self, logits, labels, task_id, counts):
-        """(mean over the tasks present of each task's mean loss, [T] per-task mean losses)."""
+    def _task_loss_sums(self, logits, labels, task_id, counts):
+        """([T] summed loss of each task's examples, [T] their counts): cross-entropy, or MSE terms."""
         T = len(self.task_num_labels)
         regression = counts[task_id] == 1
         labels = labels.to(logits.device)
@@ -148,7 +154,4 @@ class CaMtl(PreTrainedModel):
         se = (logits[:, 0].to(cdt) - labels.to(cdt)) ** 2
         per_example = torch.where(regression, se, ce)
         onehot = F.one_hot(task_id, T).to(per_example.dtype)  # [B, T]: fixed-order sums, no atomics
-        count = onehot.sum(0)
-        task_loss = (onehot.T @ per_example) / count.clamp_min(1)
-        present = count > 0
-        return task_loss[present].mean(), task_loss.detach()
+        return onehot.T @ per_example, onehot.sum(0)
