@@ -1,0 +1,161 @@
+"""Samplers, MT-Uncertainty selection, freezing, exact resume and DDP equivalence."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig
+
+from camtl.models import CaMtl
+from camtl.training import MultiTaskBatchSampler, Trainer, TrainingArguments, mt_uncertainty_select
+
+TASK_LABELS = [2, 1, 3]
+
+
+class ToyDataset(torch.utils.data.Dataset):
+    """Random token sequences of random lengths, 3 tasks of different sizes."""
+
+    def __init__(self, sizes=(12, 7, 9), seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.items, self.task_indices = [], []
+        for t, n in enumerate(sizes):
+            self.task_indices.append(list(range(len(self.items), len(self.items) + n)))
+            for _ in range(n):
+                L = int(torch.randint(3, 10, (1,), generator=g))
+                label = float(torch.rand(1, generator=g) * 5) if TASK_LABELS[t] == 1 \
+                    else float(torch.randint(0, TASK_LABELS[t], (1,), generator=g))
+                self.items.append({"input_ids": torch.randint(1, 50, (L,), generator=g).tolist(),
+                                   "label": label, "task_id": t})
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def collate(items):
+    L = max(len(it["input_ids"]) for it in items)
+    ids = torch.zeros(len(items), L, dtype=torch.long)
+    mask = torch.zeros(len(items), L, dtype=torch.long)
+    for b, it in enumerate(items):
+        ids[b, : len(it["input_ids"])] = torch.tensor(it["input_ids"])
+        mask[b, : len(it["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
+            "labels": torch.tensor([it["label"] for it in items]), "task_id": torch.tensor([it["task_id"] for it in items])}
+
+
+def tiny_model(seed=0, dropout=0.1):
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=50, hidden_size=24, num_hidden_layers=4, num_attention_heads=4,
+                        intermediate_size=32, max_position_embeddings=16, hidden_dropout_prob=dropout,
+                        attention_probs_dropout_prob=dropout)
+    model = CaMtl(config, task_num_labels=TASK_LABELS, max_seq_length=12)
+    for decoder in model.decoders:
+        decoder.dropout.p = dropout  # the heads' published dropout is 0.1; 0 makes runs comparable
+    return model
+
+
+# ---- samplers ------------------------------------------------------------------------------------------------
+
+def test_proportional_epoch_covers_every_example_once():
+    task_indices = [list(range(0, 10)), list(range(10, 16))]
+    s = MultiTaskBatchSampler(task_indices, batch_size=4, sampling="proportional", seed=3)
+    epoch = [i for batch in s for i in batch]
+    assert len(epoch) == 16 and sorted(epoch) == list(range(16))
+    assert epoch != sorted(epoch)
+
+
+def test_sampler_state_round_trip_and_modes():
+    task_indices = [list(range(0, 10)), list(range(10, 13)), list(range(13, 40))]
+    for mode in ("proportional", "uniform", "mt_uncertainty"):
+        a = MultiTaskBatchSampler(task_indices, 6, mode, seed=1)
+        for _ in range(5):
+            a.next_batch()
+        b = MultiTaskBatchSampler(task_indices, 6, mode, seed=1)
+        b.load_state_dict(a.state_dict())
+        assert [a.next_batch() for _ in range(4)] == [b.next_batch() for _ in range(4)]
+    cands = MultiTaskBatchSampler(task_indices, 6, "mt_uncertainty", seed=1).next_batch()
+    assert len(cands) == 18 and sum(10 <= i < 13 for i in cands) == 6  # the 3-example task cycles
+    uni = MultiTaskBatchSampler(task_indices, 3000, "uniform", seed=2).next_batch()
+    share = np.bincount([0 if i < 10 else 1 if i < 13 else 2 for i in uni]) / 3000
+    assert np.all(np.abs(share - 1 / 3) < 0.05)
+
+
+def test_mt_uncertainty_select_by_hand():
+    entropy = torch.tensor([0.9, 0.1, 0.5, 0.7, 0.2, 0.6])
+    task_id = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert mt_uncertainty_select(entropy, task_id, 3).tolist() == [0, 3, 5]
+    # Published: × task mean / max task mean. Means: 0.5, 0.6, 0.4 -> factors 5/6, 1, 2/3.
+    # Scores: .75, .0833, .5, .7, .1333, .4 -> top 3: 0, 3, 2.
+    assert mt_uncertainty_select(entropy, task_id, 3, published=True).tolist() == [0, 3, 2]
+    # STS-B copies MRPC's scores (tasks named mrpc=0, sts-b=2): scores of 4, 5 become .75, .0833.
+    assert mt_uncertainty_select(entropy, task_id, 2, published=True, task_names=["mrpc", "rte", "sts-b"]).tolist() \
+        == [0, 4]
+
+
+# ---- freezing, resume, DDP -------------------------------------------------------------------------------------
+
+def test_freeze_keeps_conditional_modules_trainable(tmp_path):
+    model = tiny_model()
+    trainer = Trainer(model, TrainingArguments(output_dir=str(tmp_path), freeze_encoder_layers="0-2", progress=False,
+                                               per_device_train_batch_size=4, max_steps=1), ToyDataset(), collate)
+    params = dict(model.named_parameters())
+    assert not params["bert.encoder.layer.1.attention.self.query.weight"].requires_grad
+    assert not params["bert.embeddings.word_embeddings.weight"].requires_grad
+    assert params["bert.encoder.layer.1.attention.self.random_weight_matrix"].requires_grad
+    assert params["bert.encoder.layer.2.output.LayerNorm.ln_weight_modulation.gb_weights.weight"].requires_grad
+    assert params["bert.encoder.layer.3.adapter.bottleneck.down_proj_layer.weight"].requires_grad
+    assert params["bert.encoder.layer.3.new_attention.self.query.weight"].requires_grad
+    trainer.train()
+    frozen = params["bert.encoder.layer.1.attention.self.query.weight"]
+    assert frozen.grad is None and frozen not in trainer.optimizer.state
+    assert len(trainer.optimizer.state) > 0
+
+
+@pytest.mark.parametrize("sampling", ["proportional", "mt_uncertainty"])
+def test_resume_is_exact(sampling, tmp_path):
+    def run(steps_before_stop=None):
+        model = tiny_model()
+        args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=6, per_device_train_batch_size=4,
+                                 sampling=sampling, save_steps=3, progress=False, learning_rate=1e-3)
+        trainer = Trainer(model, args, ToyDataset(), collate)
+        if steps_before_stop:
+            trainer.total_steps = steps_before_stop  # an interrupted run: stops after its checkpoint
+            trainer.train()
+            model = tiny_model(seed=123)  # a fresh process: other weights, other RNG
+            trainer = Trainer(model, args, ToyDataset(), collate)
+            trainer.train(resume_from=str(tmp_path / "run" / f"checkpoint-{steps_before_stop}"))
+        else:
+            trainer.train()
+        return model.state_dict()
+
+    straight = run()
+    resumed = run(steps_before_stop=3)
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+
+
+DDP_SCRIPT = Path(__file__).with_name("ddp_worker.py")
+
+
+def test_ddp_two_processes_equal_one(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    one = tmp_path / "one.pt"
+    two = tmp_path / "two.pt"
+    subprocess.run([sys.executable, str(DDP_SCRIPT), str(one), "8"], check=True, env=env, cwd=DDP_SCRIPT.parent)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(DDP_SCRIPT), str(two), "4"], check=True, env=env, cwd=DDP_SCRIPT.parent,
+                   capture_output=True)
+    a, b = torch.load(one), torch.load(two)
+    moved = 0
+    initial = tiny_model(dropout=0.0).state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+        moved += not torch.equal(a[k], initial[k])
+    assert moved > 50  # training changed the parameters
