@@ -219,7 +219,7 @@ class Trainer:
     # ---- evaluation ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, dataset) -> tuple:
-        """(predictions, labels) over a dataset, in order: class ids, or scores for a regression task."""
+        """(predictions, labels or None) over a dataset, in order: class ids, or scores for a regression task."""
         self.model.eval()
         preds, labels = [], []
         bs = self.args.per_device_eval_batch_size
@@ -230,8 +230,9 @@ class Trainer:
             regression = torch.tensor(self.model.task_num_labels, device=self.device)[batch["task_id"]] == 1
             pred = torch.where(regression, out.logits[:, 0].float(), out.logits.argmax(-1).float())
             preds.append(pred.cpu())
-            labels.append(batch["labels"].cpu())
-        return torch.cat(preds).numpy(), torch.cat(labels).numpy()
+            if "labels" in batch:  # test splits have none
+                labels.append(batch["labels"].cpu())
+        return torch.cat(preds).numpy(), (torch.cat(labels).numpy() if labels else None)
 
     def evaluate(self) -> Dict[str, Dict[str, float]]:
         """Metrics of every evaluation set, as measured now."""

@@ -1,0 +1,80 @@
+"""The camtl CLI end to end on generated toy data: train (a few steps), eval, predict, resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from camtl.data import toy
+
+
+def camtl(*args, cwd):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "camtl", *args], capture_output=True, text=True, cwd=cwd, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    data = root / "data"
+    toy.write(data, seed=1, n_train=24, n_dev=8, n_test=6)
+    out = root / "out"
+    stdout = camtl("train", "--data_dir", str(data), "--output_dir", str(out), "--max_steps", "4",
+                   "--per_device_train_batch_size", "8", "--max_seq_length", "64", "--use_mt_uncertainty",
+                   "--save_steps", "2", "--logging_steps", "1", cwd=root)
+    return root, data, out, stdout
+
+
+def test_train_writes_model_logs_and_metrics(trained):
+    root, data, out, stdout = trained
+    assert "camtl train: 4 steps" in stdout
+    for name in ("model.safetensors", "config.json", "tasks.json", "log.jsonl", "eval_results.json",
+                 "checkpoint-2/trainer_state.pt", "checkpoint-4/model.safetensors"):
+        assert (out / name).exists(), name
+    logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in logs if "loss" in r]
+    assert steps == [1, 2, 3, 4] and all(r["loss"] > 0 for r in logs if "loss" in r)
+    results = json.loads((out / "eval_results.json").read_text())["results"]
+    assert set(results) == {"sentiment", "same-subject", "topic", "overlap"}
+    assert 0.0 <= results["topic"]["accuracy"] <= 1.0 and "pearson" in results["overlap"]
+
+
+def test_eval_reproduces_the_final_evaluation(trained):
+    root, data, out, _ = trained
+    stdout = camtl("eval", "--model_name_or_path", str(out), "--data_dir", str(data), cwd=root)
+    results = json.loads((out / "eval_results.json").read_text())["results"]
+    assert f"accuracy {results['sentiment']['accuracy']:.4f}" in stdout
+
+
+def test_predict_writes_submission_files(trained):
+    root, data, out, _ = trained
+    camtl("predict", "--model_name_or_path", str(out), "--data_dir", str(data), "--output_dir",
+          str(root / "pred"), cwd=root)
+    lines = (root / "pred" / "topic.tsv").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 7
+    assert all(line.split("\t")[1] in ("sports", "food", "music") for line in lines[1:])
+    scores = [float(line.split("\t")[1]) for line in (root / "pred" / "overlap.tsv").read_text().splitlines()[1:]]
+    assert len(scores) == 6
+
+
+def test_resume_from_checkpoint(trained):
+    root, data, out, _ = trained
+    stdout = camtl("train", "--data_dir", str(data), "--output_dir", str(root / "resumed"), "--max_steps", "4",
+                   "--per_device_train_batch_size", "8", "--max_seq_length", "64", "--use_mt_uncertainty",
+                   "--save_steps", "2", "--resume_from_checkpoint", str(out / "checkpoint-2"), cwd=root)
+    assert "camtl train: 4 steps" in stdout
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(root / "resumed" / "model.safetensors"))
+    assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_bad_arguments(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "camtl", "train", "--bf16", "--fp16"], capture_output=True,
+                          text=True, cwd=tmp_path, env=env)
+    assert done.returncode != 0 and "at most one of --bf16 and --fp16" in done.stderr
