@@ -29,7 +29,7 @@ BENCHES = [
     "bench_modules",
     "bench_attention",
     "bench_norm_adapter",
-    # later: "bench_model"
+    "bench_model",
 ]
 
 
