@@ -37,7 +37,7 @@ def _check_input(module: str, name: str, t, layout: str, ranks, last: Optional[i
     if last is not None and t.shape[-1] != last:
         raise ValueError(f"{module}: '{name}' must have shape {layout} with last dim {last}, "
                          f"got shape {shape_str(t.shape)}")
-    if t.dtype != param.dtype:
+    if t.dtype != param.dtype and not torch.is_autocast_enabled(t.device.type):
         raise TypeError(f"{module}: '{name}' has dtype {t.dtype} but the module's parameters are {param.dtype}; "
                         f"cast one of them (e.g. module.to({t.dtype}))")
     if t.device != param.device:

@@ -236,3 +236,19 @@ def test_task_absent_and_bad_labels():
               labels=torch.tensor([1.0, 2.0, 2.0]))
     with pytest.raises(ValueError, match="task_num_labels"):
         CaMtl(tiny_config(4), task_num_labels=[], max_seq_length=12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast(dtype):
+    """Under torch.autocast the ops cast their mixed inputs as autocast would (GEMMs low, norms fp32)."""
+    torch.manual_seed(0)
+    model = CaMtl(tiny_config(4), task_num_labels=TASK_LABELS, max_seq_length=12).eval()
+    input_ids, attention_mask, _, _ = batch()
+    task_id, labels = torch.tensor([0, 1, 2, 0, 2]), torch.tensor([1.0, 2.5, 2.0, 0.0, 1.0])
+    ref = model(input_ids, attention_mask=attention_mask, task_id=task_id, labels=labels)
+    with torch.autocast("cpu", dtype=dtype):
+        out = model(input_ids, attention_mask=attention_mask, task_id=task_id, labels=labels)
+    out.loss.backward()
+    assert abs(out.loss.item() - ref.loss.item()) < 2e-2 * max(1.0, abs(ref.loss.item()))
+    torch.testing.assert_close(out.pooled_output.float(), ref.pooled_output, rtol=2e-2, atol=1e-2)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

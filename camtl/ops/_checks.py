@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -79,3 +80,22 @@ def kernel_dtype(t: torch.Tensor) -> Optional[str]:
     if t.dtype == torch.float64:
         return "the fused kernels take float32, float16 and bfloat16, not float64"
     return None
+
+
+def autocast_inputs(policy: str, *tensors):
+    """Under torch.autocast, casts the op's floating inputs the way autocast casts its own ops; else no-op.
+
+    policy: "lower" (GEMM-like: to the autocast dtype), "fp32" (normalization: to float32) or
+    "promote" (elementwise: to the widest input dtype). None entries pass through.
+    Outside autocast the inputs are returned unchanged, and the dtype checks stay strict.
+    """
+    floats = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not floats or not torch.is_autocast_enabled(floats[0].device.type):
+        return tensors
+    if policy == "lower":
+        dtype = torch.get_autocast_dtype(floats[0].device.type)
+    elif policy == "fp32":
+        dtype = torch.float32
+    else:
+        dtype = functools.reduce(torch.promote_types, (t.dtype for t in floats))
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)

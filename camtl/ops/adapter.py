@@ -31,6 +31,7 @@ def film_linear(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, index:
         [B, L, N].
     """
     op = "camtl.ops.film_linear"
+    x, gamma, beta, weight, bias = _checks.autocast_inputs("lower", x, gamma, beta, weight, bias)
     _checks.tensor(op, "x", x, (3,), "[B, L, D]")
     check_film(op, x, gamma, beta, index)
     _checks.tensor(op, "weight", weight, (2,), "[N, D]")

@@ -86,6 +86,7 @@ def conditional_attention(
         out [B, H, L, dv], or (out, probs) with return_probs.
     """
     op = "camtl.ops.conditional_attention"
+    q, k, v, table = _checks.autocast_inputs("lower", q, k, v, table)
     for name, t in (("q", q), ("k", k), ("v", v)):
         _checks.tensor(op, name, t, (4,), "[B, H, L, d]")
         if name != "q":

@@ -50,6 +50,7 @@ def film(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
     Returns:
         [B, L, D] in x's dtype.
     """
+    x, gamma, beta = _checks.autocast_inputs("promote", x, gamma, beta)
     check_film("camtl.ops.film", x, gamma, beta, index)
     _, fn = resolve("film", x.device, _checks.kernel_dtype(x))
     return fn(x, gamma, beta, index)

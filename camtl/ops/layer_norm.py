@@ -36,6 +36,7 @@ def conditional_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         y, the shape and dtype of x.
     """
     op = "camtl.ops.conditional_layer_norm"
+    x, weight, bias, gamma, beta, residual = _checks.autocast_inputs("fp32", x, weight, bias, gamma, beta, residual)
     _checks.tensor(op, "x", x, range(2, 9), "[B, *, D]")
     D = x.shape[-1]
     for name, t in (("weight", weight), ("bias", bias)):
