@@ -24,7 +24,6 @@ if "--cpu-smoke" in sys.argv:
     # Read by triton when the kernels are defined, so before anything imports triton.
     os.environ["TRITON_INTERPRET"] = "1"
 
-import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import functools  # noqa: E402
 import math  # noqa: E402
@@ -306,16 +305,6 @@ def print_table(rows: List[dict]) -> None:
 
 
 if __name__ == "__main__":
-    from common import setup_threads
+    from common import bench_main
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    parser.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    setup_threads()
-    device = torch.device("cpu" if args.cpu_smoke else "cuda" if torch.cuda.is_available() else "cpu")
-    if args.cpu_smoke:
-        print("cpu smoke: the CUDA code path on the CPU (fp32, Triton interpreter); timings mean nothing")
-    rows = run(device, quick=args.quick, smoke=args.cpu_smoke)
-    print_table(rows)
-    sys.exit(1 if any(r.get("pass") is False for r in rows) else 0)
+    bench_main(__doc__, run, print_table)

@@ -49,7 +49,6 @@ if "--cpu-smoke" in sys.argv:
     # Read by triton when the kernels are defined, so before anything imports triton.
     os.environ["TRITON_INTERPRET"] = "1"
 
-import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import gc  # noqa: E402
 import time  # noqa: E402
@@ -573,19 +572,6 @@ def print_table(rows: List[dict]) -> None:
 
 
 if __name__ == "__main__":
-    from common import setup_threads
+    from common import bench_main
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smaller shape on the CPU, fewer repetitions")
-    parser.add_argument("--threads", type=int, metavar="N", help="torch threads (default: every available CPU)")
-    parser.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    setup_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cpu" if args.cpu_smoke else "cuda" if torch.cuda.is_available() else "cpu")
-    if args.cpu_smoke:
-        print("cpu smoke: the CUDA code path on the CPU (tiny shape, Triton interpreter); timings mean nothing")
-    rows = run(device, quick=args.quick, smoke=args.cpu_smoke)
-    print_table(rows)
-    sys.exit(1 if any(r.get("pass") is False for r in rows) else 0)
+    bench_main(__doc__, run, print_table, threads_option=True)

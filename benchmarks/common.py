@@ -104,3 +104,29 @@ def print_table(title: str, rows: Sequence[Mapping], columns: Sequence[Column]) 
         print("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(line, widths))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def bench_main(doc: str, run: Callable, print_table: Callable, threads_option: bool = False) -> None:
+    """The command line of a GPU bench: ``[--quick] [--threads N] [--cpu-smoke]``; exits 1 if a check failed.
+
+    ``--cpu-smoke`` runs the bench's CUDA code path on the CPU (the bench sets TRITON_INTERPRET=1 before
+    triton loads when it sees that flag): a test of the bench, not a measurement.
+    """
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller shapes or fewer repetitions")
+    if threads_option:
+        parser.add_argument("--threads", type=int, metavar="N", help="torch threads (default: every available CPU)")
+    parser.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    setup_threads()
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    device = torch.device("cpu" if args.cpu_smoke else "cuda" if torch.cuda.is_available() else "cpu")
+    if args.cpu_smoke:
+        print("cpu smoke: the CUDA code path on the CPU (Triton interpreter); timings mean nothing")
+    rows = run(device, quick=args.quick, smoke=args.cpu_smoke)
+    print_table(rows)
+    sys.exit(1 if any(r.get("pass") is False for r in rows) else 0)
