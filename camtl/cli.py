@@ -114,7 +114,7 @@ def _print_results(results) -> None:
 
 
 def _train(args) -> int:
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, set_seed
 
     from camtl.data import DynamicPaddingCollator, MultiTaskDataset, compute_metrics, eval_datasets, toy
     from camtl.models import CaMtl
@@ -134,6 +134,7 @@ def _train(args) -> int:
     evals = {name: (ds.parts[0].task_id, ds) for name, ds in eval_datasets(specs, args.data_dir, tokenizer,
                                                                             max_len).items()}
     encoder_cls = CaMtlBaseEncoder if args.layout == "base" else CaMtlLargeEncoder
+    set_seed(args.seed)  # the new modules' initialization: the same seed gives the same run
     encoder = encoder_cls.from_pretrained(model_path, num_tasks=len(specs), max_seq_length=max_len,
                                           init_top_layer_from_pretrained=args.init_top_layer_from_pretrained)
     model = CaMtl(encoder.config, task_num_labels=[s.num_labels for s in specs], max_seq_length=max_len,

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from camtl.data import toy
 
@@ -17,15 +18,17 @@ def camtl(*args, cwd):
     return done.stdout
 
 
+TRAIN_ARGS = ("--max_steps", "4", "--per_device_train_batch_size", "8", "--max_seq_length", "64",
+              "--use_mt_uncertainty", "--save_steps", "2", "--logging_steps", "1")
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     data = root / "data"
     toy.write(data, seed=1, n_train=24, n_dev=8, n_test=6)
     out = root / "out"
-    stdout = camtl("train", "--data_dir", str(data), "--output_dir", str(out), "--max_steps", "4",
-                   "--per_device_train_batch_size", "8", "--max_seq_length", "64", "--use_mt_uncertainty",
-                   "--save_steps", "2", "--logging_steps", "1", cwd=root)
+    stdout = camtl("train", "--data_dir", str(data), "--output_dir", str(out), *TRAIN_ARGS, cwd=root)
     return root, data, out, stdout
 
 
@@ -61,16 +64,32 @@ def test_predict_writes_submission_files(trained):
     assert len(scores) == 6
 
 
-def test_resume_from_checkpoint(trained):
-    root, data, out, _ = trained
-    stdout = camtl("train", "--data_dir", str(data), "--output_dir", str(root / "resumed"), "--max_steps", "4",
-                   "--per_device_train_batch_size", "8", "--max_seq_length", "64", "--use_mt_uncertainty",
-                   "--save_steps", "2", "--resume_from_checkpoint", str(out / "checkpoint-2"), cwd=root)
-    assert "camtl train: 4 steps" in stdout
+def _same_weights(a_dir, b_dir) -> bool:
     from safetensors.torch import load_file
 
-    a, b = load_file(str(out / "model.safetensors")), load_file(str(root / "resumed" / "model.safetensors"))
-    assert all((a[k] == b[k]).all() for k in a)
+    a, b = load_file(str(a_dir / "model.safetensors")), load_file(str(b_dir / "model.safetensors"))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_from_checkpoint(trained):
+    root, data, out, _ = trained
+    stdout = camtl("train", "--data_dir", str(data), "--output_dir", str(root / "resumed"), *TRAIN_ARGS,
+                   "--resume_from_checkpoint", str(out / "checkpoint-2"), cwd=root)
+    assert "camtl train: 4 steps" in stdout
+    assert _same_weights(out, root / "resumed")
+
+
+def test_same_seed_same_run(trained):
+    """A fresh run with the same seed is bitwise the same run: the new modules' init is seeded too."""
+    root, data, out, _ = trained
+    camtl("train", "--data_dir", str(data), "--output_dir", str(root / "again"), *TRAIN_ARGS, cwd=root)
+    assert _same_weights(out, root / "again")
+    logs = [(out / "log.jsonl").read_text(), (root / "again" / "log.jsonl").read_text()]
+    losses = [[json.loads(line).get("loss") for line in text.splitlines()] for text in logs]
+    assert losses[0] == losses[1] and any(x is not None for x in losses[0])
+    camtl("train", "--data_dir", str(data), "--output_dir", str(root / "other"), *TRAIN_ARGS, "--seed", "7",
+          cwd=root)
+    assert not _same_weights(out, root / "other")  # the seed does reach the run
 
 
 def test_bad_arguments(tmp_path):

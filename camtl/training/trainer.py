@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+from transformers import set_seed
 
 from camtl.training.samplers import MultiTaskBatchSampler, mt_uncertainty_select
 
@@ -254,7 +255,7 @@ class Trainer:
         if resume_from:
             self.load_checkpoint(resume_from)
         else:
-            _seed_everything(self.args.seed)
+            set_seed(self.args.seed)
         steps_per_epoch = max(1, math.ceil(len(self.sampler) / self.args.gradient_accumulation_steps))
         eval_every = self.args.eval_steps or steps_per_epoch
         save_every = self.args.save_steps or steps_per_epoch
@@ -304,12 +305,6 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.global_step = state["global_step"]
         _set_rng_state(state["rng"])
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _rng_state() -> Dict:
