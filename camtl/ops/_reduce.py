@@ -14,10 +14,13 @@ def per_task_sum(partials: torch.Tensor, index: torch.Tensor, num_tasks: int) ->
     index: [B] task of each example. Returns [num_tasks, *F]; a task absent
     from the batch gets exact zeros. A one-hot GEMM, not index_add_: on the
     GPU index_add_ uses atomics, whose order (and so the rounding) varies run
-    to run; a GEMM sums in a fixed order.
+    to run; a GEMM sums in a fixed order. The GEMM runs in float64 (it is
+    small): the sum is the correctly rounded fp32 one, and TF32 or
+    bf16-precision fp32 matmuls, when a user allows them, do not touch it.
     """
     B, P = partials.shape[:2]
     features = partials.shape[2:]
-    onehot = torch.nn.functional.one_hot(index.long(), num_tasks).to(torch.float32)  # [B, G]
+    onehot = torch.nn.functional.one_hot(index.long(), num_tasks).to(torch.float64)  # [B, G]
     onehot = onehot.repeat_interleave(P, dim=0)  # [B·P, G]: row b·P + p is partial p of example b
-    return (onehot.T @ partials.reshape(B * P, math.prod(features)).to(torch.float32)).view(num_tasks, *features)
+    total = onehot.T @ partials.reshape(B * P, math.prod(features)).to(torch.float64)
+    return total.to(torch.float32).view(num_tasks, *features)
