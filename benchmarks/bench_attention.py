@@ -24,11 +24,10 @@ if "--cpu-smoke" in sys.argv:
     # Read by triton when the kernels are defined, so before anything imports triton.
     os.environ["TRITON_INTERPRET"] = "1"
 
-import contextlib  # noqa: E402
 import functools  # noqa: E402
 import math  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
-from typing import Callable, ContextManager, Dict, List, Tuple  # noqa: E402
+from typing import Dict, List  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -38,12 +37,11 @@ import camtl  # noqa: E402
 from camtl import ops  # noqa: E402
 from camtl.backends import torch_ref  # noqa: E402
 
-from common import TOLERANCES, compare, progress, time_ms  # noqa: E402
+from common import CHECK_TOLERANCES, Impl, bench_impl, grad_step, progress  # noqa: E402
 from common import print_table as _print_table  # noqa: E402
 
 NUM_TASKS = 8
-# bf16 keeps 8 bits of mantissa: ~4e-3 relative per rounding, several roundings deep.
-CHECK_TOLERANCES = {**TOLERANCES, torch.bfloat16: (2e-2, 2e-2)}
+LEAVES = ("q", "k", "v", "table")  # what the rows with a bias differentiate
 
 
 @dataclass(frozen=True)
@@ -86,18 +84,6 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
     x["mask"] = keep.to(device)  # bool, True = attend: what camtl takes
     x["key_add"] = ((~keep) * -10000.0).to(device=device, dtype=dtype)  # the published additive form
     return x
-
-
-@dataclass(frozen=True)
-class Impl:
-    key: str
-    name: str
-    fn: Callable[[Dict[str, torch.Tensor]], torch.Tensor]  # inputs -> out [B, H, L, d]
-    leaves: Tuple[str, ...] = ("q", "k", "v", "table")  # the inputs it differentiates (and is checked on)
-    # Entered once around the check and the Timer (same thread), not per call: no per-call cost in the timings.
-    context: Callable[[], ContextManager] = contextlib.nullcontext
-    comparable: bool = True  # False: it computes something else (no bias), nothing to check
-    note: str = ""
 
 
 def camtl_impl(x):
@@ -163,67 +149,20 @@ def implementations(shape: Shape, x, device: torch.device) -> List[Impl]:
     cuda = device.type == "cuda"
     flash = SDPBackend.FLASH_ATTENTION if cuda else SDPBackend.MATH  # no flash kernel on the CPU
     return [
-        Impl("camtl", "camtl triton", camtl_impl, context=lambda: camtl.use_backend("triton")),
+        Impl("camtl", "camtl triton", camtl_impl, LEAVES, context=lambda: camtl.use_backend("triton")),
         Impl("flash", f"SDPA {'flash' if cuda else 'math (CPU)'}, no bias/mask",
              lambda x: F.scaled_dot_product_attention(x["q"], x["k"], x["v"]), leaves=("q", "k", "v"),
              context=lambda: sdpa_kernel(flash), comparable=False, note="n/a (no bias)"),
-        Impl("sdpa_bias", f"SDPA + dense bias ({sdpa_choice(x)})", sdpa_bias_impl),
+        Impl("sdpa_bias", f"SDPA + dense bias ({sdpa_choice(x)})", sdpa_bias_impl, LEAVES),
         Impl("flex", "FlexAttention compiled", flex_impl(x, shape.c, backward=cuda),
-             leaves=("q", "k", "v", "table") if cuda else (), note="" if cuda else "fwd only (no CPU backward)"),
-        Impl("published", "published block_diag", published_impl(shape.blocks)),
+             leaves=LEAVES if cuda else (), note="" if cuda else "fwd only (no CPU backward)"),
+        Impl("published", "published block_diag", published_impl(shape.blocks), LEAVES),
     ]
 
 
 def reference_impl(x):
     with camtl.use_backend("torch"):
         return camtl_impl(x)
-
-
-def _step(fn, leaves, x, grad_out) -> Dict[str, torch.Tensor]:
-    """Forward, and backward when there are leaves: the output and their gradients, by name."""
-    out = fn(x)
-    if not leaves:
-        return {"output": out}
-    # autograd.grad, not .backward(): no .grad accumulation inside the timed loop.
-    grads = torch.autograd.grad(out, [x[k] for k in leaves], grad_out)
-    return {"output": out, **{f"d{k}": g for k, g in zip(leaves, grads)}}
-
-
-def _error(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
-
-
-def bench_impl(impl: Impl, shape: Shape, x, ref, grad_out, dtype, device, quick) -> dict:
-    """One row: the check against the fp32 reference, then fwd and fwd+bwd timings.
-
-    A row that fails to run keeps its error message; it fails the bench only for camtl
-    (the code under test): a baseline the installed torch cannot run is not camtl's failure.
-    """
-    row = {"impl": impl.key, "name": impl.name, "shape": str(shape), "device": str(device), "dtype": str(dtype)[6:]}
-    try:
-        with impl.context():
-            got = _step(impl.fn, impl.leaves, x, grad_out)
-            if impl.comparable:
-                want = {k: ref[k] for k in got}
-                ok, err, worst = compare(want, {k: t.float() for k, t in got.items()}, *CHECK_TOLERANCES[dtype])
-                row.update({"pass": ok, "max_err": err, "worst": worst, "checked": ",".join(got)})
-                row["check"] = ("ok" if ok else "FAIL") + (f", {impl.note}" if impl.note else "")
-            else:
-                row["check"] = impl.note
-            fwd = time_ms(lambda: impl.fn(x), device, quick)
-            row["fwd_ms"], row["fwd_iqr_ms"] = fwd["median_ms"], fwd["iqr_ms"]
-            if impl.leaves:
-                fwd_bwd = time_ms(lambda: _step(impl.fn, impl.leaves, x, grad_out), device, quick)
-                row["fwd_bwd_ms"], row["fwd_bwd_iqr_ms"] = fwd_bwd["median_ms"], fwd_bwd["iqr_ms"]
-    except Exception as exc:  # noqa: BLE001  (any failure of a baseline is a result to report)
-        row["error"] = _error(exc)
-        row["check"] = "error"
-        if impl.key == "camtl":
-            row["pass"] = False
-        else:
-            row.pop("pass", None)  # it may have checked fine and then failed to time
-    return row
 
 
 # The issue's fwd+bwd targets for camtl: (key, baseline, text, ratio(camtl ms, baseline ms), met(ratio)).
@@ -250,7 +189,7 @@ def bench_shape(shape: Shape, dtype: torch.dtype, device: torch.device, quick: b
     grad_out = torch.randn(x["q"].shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
     # The reference: the torch backend in fp32 on fp32 copies of the same inputs.
     x32 = {k: (t.detach().float().requires_grad_() if t.is_floating_point() else t) for k, t in x.items()}
-    ref = {k: t.detach() for k, t in _step(reference_impl, ("q", "k", "v", "table"), x32, grad_out.float()).items()}
+    ref = {k: t.detach() for k, t in grad_step(reference_impl, LEAVES, x32, grad_out.float()).items()}
     impls = implementations(shape, x, device)
     rows = [bench_impl(impl, shape, x, ref, grad_out, dtype, device, quick)
             for impl in progress(impls, f"bench_attention {shape}")]

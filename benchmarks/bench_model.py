@@ -64,7 +64,7 @@ from camtl import backends as camtl_backends  # noqa: E402
 from camtl.models import CaMtlBaseEncoder  # noqa: E402
 from camtl.testing.published import PublishedCaMtlEncoder  # noqa: E402
 
-from common import TOLERANCES, compare, progress, time_ms  # noqa: E402
+from common import TOLERANCES, compare, error_text, progress, time_ms  # noqa: E402
 from common import print_table as _print_table  # noqa: E402
 
 NUM_TASKS = 8
@@ -252,14 +252,9 @@ BUSY_CPUS_SHARED = 0.3  # CPUs busy with other processes from which a multi-thre
 CAMTL_KEYS = ("camtl", "torch")  # rows of the code under test: an error fails the bench
 
 
-def _error(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
-
-
 def _fail(row: dict, exc: BaseException) -> None:
     """A row that cannot run keeps its error; it fails the bench only for camtl (the code under test)."""
-    row["error"], row["check"] = _error(exc), "error"
+    row["error"], row["check"] = error_text(exc), "error"
     if row["impl"] in CAMTL_KEYS:
         row["pass"] = False
     else:

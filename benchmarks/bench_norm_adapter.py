@@ -48,8 +48,7 @@ import camtl  # noqa: E402
 from camtl import ops  # noqa: E402
 from camtl.backends import resolve  # noqa: E402
 
-from bench_attention import CHECK_TOLERANCES, Impl, _step, bench_impl  # noqa: E402
-from common import progress, time_ms  # noqa: E402
+from common import CHECK_TOLERANCES, Impl, bench_impl, grad_step, progress, time_ms  # noqa: E402
 from common import print_table as _print_table  # noqa: E402
 
 NUM_TASKS = 8
@@ -273,7 +272,7 @@ def bench_shape(shape: Shape, dtype: torch.dtype, device: torch.device, quick: b
     for op, impls in implementations(device).items():
         fn, leaves = REFERENCES[op]
         with camtl.use_backend("torch"):
-            ref = {k: t.detach() for k, t in _step(fn, leaves, x32, grad_out.float()).items()}
+            ref = {k: t.detach() for k, t in grad_step(fn, leaves, x32, grad_out.float()).items()}
         for impl in progress(impls, f"bench_norm_adapter {op} {shape}"):
             row = bench_impl(impl, shape, x, ref, grad_out, dtype, device, quick)
             row["op"] = op

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Callable, Dict, Iterable, List, Mapping, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Dict, Iterable, List, Mapping, Sequence, Tuple
 
 import torch
 from torch.utils.benchmark import Timer
@@ -11,6 +13,8 @@ from torch.utils.benchmark import Timer
 # (rtol, atol). fp32: the two sides sum in different orders, so allow rounding; fp64: so
 # little is allowed that any algorithmic difference shows. See compare() for the atol scale.
 TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float64: (1e-9, 1e-11)}
+# Op benches also check bf16 rows: 8 bits of mantissa, ~4e-3 relative per rounding, several roundings deep.
+CHECK_TOLERANCES = {**TOLERANCES, torch.bfloat16: (2e-2, 2e-2)}
 
 
 def available_cpus() -> int:
@@ -80,6 +84,66 @@ def compare(ref: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor],
         if not err <= worst:  # also catches NaN
             worst, worst_name = err, name
     return ok, worst, worst_name
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One row of an op bench: a function of the inputs, checked against a reference, then timed."""
+    key: str
+    name: str
+    fn: Callable[[Dict[str, torch.Tensor]], torch.Tensor]  # inputs -> output
+    leaves: Tuple[str, ...]  # the inputs it differentiates (and is checked on)
+    # Entered once around the check and the Timer (same thread), not per call: no per-call cost in the timings.
+    context: Callable[[], ContextManager] = contextlib.nullcontext
+    comparable: bool = True  # False: it computes something else (no bias), nothing to check
+    note: str = ""
+
+
+def grad_step(fn, leaves, x, grad_out) -> Dict[str, torch.Tensor]:
+    """Forward, and backward when there are leaves: the output and their gradients, by name."""
+    out = fn(x)
+    if not leaves:
+        return {"output": out}
+    # autograd.grad, not .backward(): no .grad accumulation inside the timed loop.
+    grads = torch.autograd.grad(out, [x[k] for k in leaves], grad_out)
+    return {"output": out, **{f"d{k}": g for k, g in zip(leaves, grads)}}
+
+
+def error_text(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def bench_impl(impl: Impl, shape, x, ref, grad_out, dtype, device, quick) -> dict:
+    """One row: the check against the fp32 reference ``ref`` (grad_step's outputs), then fwd and fwd+bwd timings.
+
+    A row that fails to run keeps its error message; it fails the bench only for camtl
+    (the code under test): a baseline the installed torch cannot run is not camtl's failure.
+    """
+    row = {"impl": impl.key, "name": impl.name, "shape": str(shape), "device": str(device), "dtype": str(dtype)[6:]}
+    try:
+        with impl.context():
+            got = grad_step(impl.fn, impl.leaves, x, grad_out)
+            if impl.comparable:
+                want = {k: ref[k] for k in got}
+                ok, err, worst = compare(want, {k: t.float() for k, t in got.items()}, *CHECK_TOLERANCES[dtype])
+                row.update({"pass": ok, "max_err": err, "worst": worst, "checked": ",".join(got)})
+                row["check"] = ("ok" if ok else "FAIL") + (f", {impl.note}" if impl.note else "")
+            else:
+                row["check"] = impl.note
+            fwd = time_ms(lambda: impl.fn(x), device, quick)
+            row["fwd_ms"], row["fwd_iqr_ms"] = fwd["median_ms"], fwd["iqr_ms"]
+            if impl.leaves:
+                fwd_bwd = time_ms(lambda: grad_step(impl.fn, impl.leaves, x, grad_out), device, quick)
+                row["fwd_bwd_ms"], row["fwd_bwd_iqr_ms"] = fwd_bwd["median_ms"], fwd_bwd["iqr_ms"]
+    except Exception as exc:  # noqa: BLE001  (any failure of a baseline is a result to report)
+        row["error"] = error_text(exc)
+        row["check"] = "error"
+        if impl.key == "camtl":
+            row["pass"] = False
+        else:
+            row.pop("pass", None)  # it may have checked fine and then failed to time
+    return row
 
 
 Column = Tuple[str, str, str]  # (header, row key, format spec)

@@ -31,7 +31,7 @@ def _specs(tasks: Optional[str], data_dir: str):
         return [glue_task(name.strip()) for name in tasks.split(",") if name.strip()]
     path = os.path.join(data_dir, "tasks.json")
     if not os.path.exists(path):
-        raise SystemExit(f"camtl: give --tasks (GLUE names or a tasks.json), or a --data_dir with a tasks.json")
+        raise SystemExit("camtl: give --tasks (GLUE names or a tasks.json), or a --data_dir with a tasks.json")
     return load_task_specs(path)
 
 

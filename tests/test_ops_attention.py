@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from camtl import ops
-from conftest import TOL, assert_close
+from conftest import assert_close
 
 
 def naive_bias(table, index, L):

@@ -17,7 +17,6 @@ For a batch that mixes tasks:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 

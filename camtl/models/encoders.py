@@ -21,7 +21,7 @@ Layouts (L = config.num_hidden_layers):
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
