@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+import weakref
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -65,14 +66,40 @@ def index(op: str, name: str, idx: Optional[torch.Tensor], batch: int, rows: int
         torch._assert_async(((idx >= 0) & (idx < rows)).all(),
                             f"{op}: argument '{name}' holds task ids out of range [0, {rows})")
     elif batch:
-        lo, hi = torch.aminmax(idx)
-        lo, hi = int(lo), int(hi)
+        lo, hi = index_range(idx)
         if lo < 0 or hi >= rows:
             bad = lo if lo < 0 else hi
             raise IndexError(
                 f"{op}: argument '{name}' holds {bad}, out of range: task ids must be in [0, {rows}) "
                 f"({rows_name}={rows} table rows)"
             )
+
+
+# id(index tensor) -> (weak reference to it, its version counter, min, max): the ranges already read.
+_RANGES: Dict[int, Tuple[weakref.ref, int, int, int]] = {}
+
+
+def index_range(idx: torch.Tensor) -> Tuple[int, int]:
+    """(min, max) of a non-empty integer tensor, remembered while the tensor lives unmodified.
+
+    Reading them is a host sync on a GPU. A model passes the same task-id tensor to every op of a
+    forward: it is read once, not once per op. An in-place change bumps the version counter and is
+    read again; inference tensors have no version counter and are read every time.
+    """
+    key = id(idx)
+    try:
+        version = idx._version
+    except RuntimeError:  # an inference tensor
+        version = None
+    hit = _RANGES.get(key)
+    if version is not None and hit is not None and hit[0]() is idx and hit[1] == version:
+        return hit[2], hit[3]
+    lo, hi = torch.aminmax(idx)
+    lo, hi = int(lo), int(hi)
+    if version is not None:
+        # The callback drops the entry when the tensor dies, before its id can be reused.
+        _RANGES[key] = (weakref.ref(idx, lambda _, key=key: _RANGES.pop(key, None)), version, lo, hi)
+    return lo, hi
 
 
 def kernel_dtype(t: torch.Tensor) -> Optional[str]:
