@@ -37,7 +37,7 @@ import camtl  # noqa: E402
 from camtl import ops  # noqa: E402
 from camtl.backends import torch_ref  # noqa: E402
 
-from common import CHECK_TOLERANCES, Impl, bench_impl, grad_step, progress  # noqa: E402
+from common import CHECK_TOLERANCES, IMPL_COLUMNS, Impl, bench_impl, grad_step, progress  # noqa: E402
 from common import print_table as _print_table  # noqa: E402
 
 NUM_TASKS = 8
@@ -209,13 +209,6 @@ def run(device: torch.device, quick: bool, smoke: bool = False) -> List[dict]:
     return rows
 
 
-COLUMNS = [
-    ("implementation", "name", ""),
-    ("check", "check", ""),
-    ("max err", "max_err", ".2e"),
-    ("fwd ms", "fwd_ms", ".3f"),
-    ("fwd+bwd ms", "fwd_bwd_ms", ".3f"),
-]
 
 
 def print_table(rows: List[dict]) -> None:
@@ -226,7 +219,7 @@ def print_table(rows: List[dict]) -> None:
         group = [r for r in rows if r["shape"] == shape]
         head = group[0]
         _print_table(f"conditional attention, {head['dtype']} on {head['device']}, {shape}, {NUM_TASKS} tasks, "
-                     "key padding in [L/2, L]", group, COLUMNS)
+                     "key padding in [L/2, L]", group, IMPL_COLUMNS)
         for r in group:
             if "error" in r:
                 print(f"  {r['name']}: {r['error']}")

@@ -48,7 +48,8 @@ import camtl  # noqa: E402
 from camtl import ops  # noqa: E402
 from camtl.backends import resolve  # noqa: E402
 
-from common import CHECK_TOLERANCES, Impl, bench_impl, grad_step, progress, time_ms  # noqa: E402
+from common import CHECK_TOLERANCES, IMPL_COLUMNS, Impl, bench_impl, grad_step  # noqa: E402
+from common import progress, time_ms  # noqa: E402
 from common import print_table as _print_table  # noqa: E402
 
 NUM_TASKS = 8
@@ -299,14 +300,7 @@ def run(device: torch.device, quick: bool, smoke: bool = False) -> List[dict]:
     return rows
 
 
-COLUMNS = [
-    ("implementation", "name", ""),
-    ("check", "check", ""),
-    ("max err", "max_err", ".2e"),
-    ("fwd ms", "fwd_ms", ".3f"),
-    ("fwd+bwd ms", "fwd_bwd_ms", ".3f"),
-]
-CLN_COLUMNS = COLUMNS + [
+CLN_COLUMNS = IMPL_COLUMNS + [
     ("fwd GB/s", "fwd_gbs", ".0f"),
     ("fwd %copy", "fwd_pct_copy", ".0f"),
     ("fwd+bwd GB/s", "fwd_bwd_gbs", ".0f"),
@@ -327,7 +321,7 @@ def print_table(rows: List[dict]) -> None:
         for op, title in TITLES.items():
             group = [r for r in rows if r["shape"] == shape and r["op"] == op]
             _print_table(f"{title}, {head['dtype']} on {head['device']}, {shape}, {NUM_TASKS} tasks", group,
-                         CLN_COLUMNS if op == "cln" else COLUMNS)
+                         CLN_COLUMNS if op == "cln" else IMPL_COLUMNS)
             for r in group:
                 if "error" in r:
                     print(f"  {r['name']}: {r['error']}")

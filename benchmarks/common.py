@@ -147,6 +147,14 @@ def bench_impl(impl: Impl, shape, x, ref, grad_out, dtype, device, quick) -> dic
 
 
 Column = Tuple[str, str, str]  # (header, row key, format spec)
+# The columns of bench_impl's rows.
+IMPL_COLUMNS: List[Column] = [
+    ("implementation", "name", ""),
+    ("check", "check", ""),
+    ("max err", "max_err", ".2e"),
+    ("fwd ms", "fwd_ms", ".3f"),
+    ("fwd+bwd ms", "fwd_bwd_ms", ".3f"),
+]
 
 
 def print_table(title: str, rows: Sequence[Mapping], columns: Sequence[Column]) -> None:
