@@ -35,15 +35,37 @@ from ._common import dot_flags, interpreting
 
 
 @triton.jit
+def _load_tile(ptr, offs_r, offs_c, stride_r, stride_c, mask, UPCAST: tl.constexpr):
+    """x[r, c] = ptr[offs_r[r]·stride_r + offs_c[c]·stride_c], 0 where masked; fp32 when UPCAST."""
+    x = tl.load(ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c, mask=mask, other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _meets_band(m0, n0, L, C, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Whether the tile at query row m0, key n0 meets a diagonal block (only those read or write M)."""
+    band_lo = (m0 // C) * C
+    band_hi = ((tl.minimum(m0 + BLOCK_M, L) - 1) // C) * C + C - 1
+    return (n0 <= band_hi) & (n0 + BLOCK_N > band_lo)
+
+
+@triton.jit
+def _band_cols(offs_m, offs_n, L, C):
+    """(col, inside): the column of M's block table for each (i, j) of a tile, and whether it is on the band."""
+    col = offs_n[None, :] - ((offs_m // C) * C)[:, None]
+    inside = (col >= 0) & (col < C) & (offs_m[:, None] < L) & (offs_n[None, :] < L)
+    return col, inside
+
+
+@triton.jit
 def _scores(q, kT, offs_m, offs_n, m0, n0, L, C, scale, table_row, stride_tl, stride_tc, key_bias_row,
             HAS_KEY_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """S for the [BLOCK_M, BLOCK_N] tile at query row m0 and key n0, fp32, -inf on keys past L."""
     s = tl.dot(q, kT, input_precision=PRECISION) * scale
-    band_lo = (m0 // C) * C
-    band_hi = ((tl.minimum(m0 + BLOCK_M, L) - 1) // C) * C + C - 1
-    if (n0 <= band_hi) & (n0 + BLOCK_N > band_lo):  # the tile meets the diagonal blocks
-        col = offs_n[None, :] - ((offs_m // C) * C)[:, None]
-        inside = (col >= 0) & (col < C) & (offs_m[:, None] < L) & (offs_n[None, :] < L)
+    if _meets_band(m0, n0, L, C, BLOCK_M, BLOCK_N):
+        col, inside = _band_cols(offs_m, offs_n, L, C)
         s += tl.load(table_row + offs_m[:, None] * stride_tl + col * stride_tc, mask=inside, other=0.0).to(tl.float32)
     if HAS_KEY_BIAS:
         s += tl.load(key_bias_row + offs_n, mask=offs_n < L, other=0.0)[None, :]
@@ -75,10 +97,7 @@ def _fwd_kernel(Q, K, V, O, LSE, TABLE, INDEX, KEY_BIAS,
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < L
     d_ok = offs_d < D
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sql, sqd, row_ok[:, None] & d_ok[None, :], UPCAST)
     table_row = TABLE + tl.load(INDEX + b).to(tl.int64) * stg
     key_bias_row = KEY_BIAS + b * skbb
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -87,13 +106,8 @@ def _fwd_kernel(Q, K, V, O, LSE, TABLE, INDEX, KEY_BIAS,
     for n0 in range(0, L, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < L
-        kT = tl.load(K + b * skb + h * skh + offs_n[None, :] * skl + offs_d[:, None] * skd,
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :] * svd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            kT = kT.to(tl.float32)
-            v = v.to(tl.float32)
+        kT = _load_tile(K + b * skb + h * skh, offs_d, offs_n, skd, skl, d_ok[:, None] & n_ok[None, :], UPCAST)
+        v = _load_tile(V + b * svb + h * svh, offs_n, offs_d, svl, svd, n_ok[:, None] & d_ok[None, :], UPCAST)
         s = _scores(q, kT, offs_m, offs_n, pid_m * BLOCK_M, n0, L, C, scale, table_row, stl, stc, key_bias_row,
                     HAS_KEY_BIAS, BLOCK_M, BLOCK_N, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -130,39 +144,29 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DBIAS, TABLE, INDEX, KEY_BIAS,
     row_ok = offs_m < L
     d_ok = offs_d < D
     tile_md = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :] * sqd, mask=tile_md, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdol + offs_d[None, :] * sdod, mask=tile_md, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sql, sqd, tile_md, UPCAST)
+    do = _load_tile(DO + b * sdob + h * sdoh, offs_m, offs_d, sdol, sdod, tile_md, UPCAST)
     lse = tl.load(LSE + pid_bh * L + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + pid_bh * L + offs_m, mask=row_ok, other=0.0)
     table_row = TABLE + tl.load(INDEX + b).to(tl.int64) * stg
     key_bias_row = KEY_BIAS + b * skbb
     dbias_rows = DBIAS + pid_bh.to(tl.int64) * L * C + offs_m[:, None] * C
-    band_lo = (pid_m * BLOCK_M // C) * C
-    band_hi = ((tl.minimum(pid_m * BLOCK_M + BLOCK_M, L) - 1) // C) * C + C - 1
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(0, L, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         tile_nd = (offs_n < L)[:, None] & d_ok[None, :]
-        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :] * skd, mask=tile_nd, other=0.0)
-        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :] * svd, mask=tile_nd, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _load_tile(K + b * skb + h * skh, offs_n, offs_d, skl, skd, tile_nd, UPCAST)
+        v = _load_tile(V + b * svb + h * svh, offs_n, offs_d, svl, svd, tile_nd, UPCAST)
         s = _scores(q, tl.trans(k), offs_m, offs_n, pid_m * BLOCK_M, n0, L, C, scale, table_row, stl, stc,
-                    key_bias_row,
-                    HAS_KEY_BIAS, BLOCK_M, BLOCK_N, PRECISION)
+                    key_bias_row, HAS_KEY_BIAS, BLOCK_M, BLOCK_N, PRECISION)
         p = tl.exp(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
             dp = tl.where(_keep(seed, pid_bh, offs_m, offs_n, L, dropout_p), dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        if (n0 <= band_hi) & (n0 + BLOCK_N > band_lo):
-            col = offs_n[None, :] - ((offs_m // C) * C)[:, None]
-            inside = (col >= 0) & (col < C) & row_ok[:, None] & (offs_n[None, :] < L)
+        if _meets_band(pid_m * BLOCK_M, n0, L, C, BLOCK_M, BLOCK_N):
+            col, inside = _band_cols(offs_m, offs_n, L, C)
             tl.store(dbias_rows + col, ds, mask=inside)
     tl.store(DQ + b * sgb + h * sgh + offs_m[:, None] * sgl + offs_d[None, :] * sgd,
              (dq * scale).to(DQ.dtype.element_ty), mask=tile_md)
@@ -184,11 +188,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TABLE, INDEX, KEY_BIAS,
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     tile_nd = (offs_n < L)[:, None] & d_ok[None, :]
-    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :] * skd, mask=tile_nd, other=0.0)
-    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :] * svd, mask=tile_nd, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k = _load_tile(K + b * skb + h * skh, offs_n, offs_d, skl, skd, tile_nd, UPCAST)
+    v = _load_tile(V + b * svb + h * svh, offs_n, offs_d, svl, svd, tile_nd, UPCAST)
     table_row = TABLE + tl.load(INDEX + b).to(tl.int64) * stg
     key_bias_row = KEY_BIAS + b * skbb
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -197,12 +198,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TABLE, INDEX, KEY_BIAS,
         offs_m = m0 + tl.arange(0, BLOCK_M)
         row_ok = offs_m < L
         tile_md = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :] * sqd, mask=tile_md, other=0.0)
-        do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdol + offs_d[None, :] * sdod, mask=tile_md,
-                     other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sql, sqd, tile_md, UPCAST)
+        do = _load_tile(DO + b * sdob + h * sdoh, offs_m, offs_d, sdol, sdod, tile_md, UPCAST)
         lse = tl.load(LSE + pid_bh * L + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + pid_bh * L + offs_m, mask=row_ok, other=0.0)
         s = _scores(q, tl.trans(k), offs_m, offs_n, m0, pid_n * BLOCK_N, L, C, scale, table_row, stl, stc,
