@@ -119,7 +119,7 @@ def _train(args) -> int:
     from camtl.data import DynamicPaddingCollator, MultiTaskDataset, compute_metrics, eval_datasets, toy
     from camtl.models import CaMtl
     from camtl.models.encoders import CaMtlBaseEncoder, CaMtlLargeEncoder
-    from camtl.training import Trainer, TrainingArguments
+    from camtl.training import Trainer, TrainingArguments, TrainingInterrupted
 
     device = _setup(args)
     demo = args.data_dir is None
@@ -154,7 +154,13 @@ def _train(args) -> int:
         logging_steps=args.logging_steps, eval_steps=args.eval_steps, save_steps=args.save_steps)
     trainer = Trainer(model, targs, train_set, DynamicPaddingCollator(tokenizer.pad_token_id, max_len),
                       evals, lambda t, p, y: compute_metrics(specs[t], p, y), [s.name for s in specs])
-    results = trainer.train(resume_from=args.resume_from_checkpoint)
+    try:
+        results = trainer.train(resume_from=args.resume_from_checkpoint)
+    except TrainingInterrupted as stop:
+        if trainer.rank == 0:
+            print(f"camtl train: interrupted after step {stop.step} of {trainer.total_steps}; to go on, run the "
+                  f"same command with --resume_from_checkpoint {stop.checkpoint}", file=sys.stderr)
+        return 130  # the shell's code for a run stopped by Ctrl-C
     if trainer.rank == 0:
         model.save_pretrained(args.output_dir)
         tokenizer.save_pretrained(args.output_dir)

@@ -2,8 +2,11 @@
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -11,9 +14,11 @@ import torch
 from camtl.data import toy
 
 
+ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
 def camtl(*args, cwd):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "camtl", *args], capture_output=True, text=True, cwd=cwd, env=env)
+    done = subprocess.run([sys.executable, "-m", "camtl", *args], capture_output=True, text=True, cwd=cwd, env=ENV)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -92,8 +97,35 @@ def test_same_seed_same_run(trained):
     assert not _same_weights(out, root / "other")  # the seed does reach the run
 
 
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(trained):
+    """SIGINT mid-run: the step under way finishes, a checkpoint is saved, exit 130; resuming equals no interrupt."""
+    root, data, _, _ = trained
+    args = ("--data_dir", str(data), *TRAIN_ARGS, "--max_steps", "12", "--save_steps", "100")
+    out = root / "interrupted"
+    run = subprocess.Popen([sys.executable, "-m", "camtl", "train", *args, "--output_dir", str(out)], cwd=root,
+                           env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, deadline = out / "log.jsonl", time.time() + 300
+    while not (log.exists() and '"step": 2,' in log.read_text()):
+        assert run.poll() is None and time.time() < deadline, "the run ended or stalled before step 2"
+        time.sleep(0.05)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 130, stderr[-3000:]
+    step = int(re.search(r"interrupted after step (\d+) of 12", stderr).group(1))
+    checkpoint = out / f"checkpoint-{step}"
+    assert 2 <= step < 12 and f"--resume_from_checkpoint {checkpoint}" in stderr
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [checkpoint.name]  # no partial one left
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert records[-1] == {"step": step, "interrupted": True, "checkpoint": str(checkpoint)}
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, step + 1))
+
+    camtl("train", *args, "--output_dir", str(root / "resumed12"), "--resume_from_checkpoint", str(checkpoint),
+          cwd=root)
+    camtl("train", *args, "--output_dir", str(root / "straight12"), cwd=root)
+    assert _same_weights(root / "resumed12", root / "straight12")
+
+
 def test_bad_arguments(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-m", "camtl", "train", "--bf16", "--fp16"], capture_output=True,
-                          text=True, cwd=tmp_path, env=env)
+                          text=True, cwd=tmp_path, env=ENV)
     assert done.returncode != 0 and "at most one of --bf16 and --fp16" in done.stderr

@@ -140,6 +140,30 @@ def test_resume_is_exact(sampling, tmp_path):
         assert torch.equal(straight[k], resumed[k]), k
 
 
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model = tiny_model()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, progress=False)
+    trainer = Trainer(model, args, ToyDataset(), collate)
+    trainer.train()
+    path = tmp_path / "checkpoint-2"
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # a different state, whose save fails half-way
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.save_checkpoint(str(path))
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before  # model.safetensors was not overwritten
+    monkeypatch.undo()
+    trainer.save_checkpoint(str(path))  # the next save clears the partial one and replaces the old
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]
+    assert (path / "model.safetensors").read_bytes() != before["model.safetensors"]
+
+
 DDP_SCRIPT = Path(__file__).with_name("ddp_worker.py")
 
 

@@ -1,7 +1,7 @@
 """Multi-task training: samplers (proportional, uniform, MT-Uncertainty) and the Trainer."""
 
 from camtl.training.samplers import SAMPLING, MultiTaskBatchSampler, mt_uncertainty_select
-from camtl.training.trainer import Trainer, TrainingArguments, freeze_encoder_layers
+from camtl.training.trainer import Trainer, TrainingArguments, TrainingInterrupted, freeze_encoder_layers
 
 __all__ = ["SAMPLING", "MultiTaskBatchSampler", "mt_uncertainty_select", "Trainer", "TrainingArguments",
-           "freeze_encoder_layers"]
+           "TrainingInterrupted", "freeze_encoder_layers"]

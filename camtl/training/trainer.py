@@ -12,7 +12,12 @@
   present of each task's mean), so N processes train like one with the same
   global batch.
 - Checkpoints hold the model, optimizer, scheduler, scaler, sampler and RNG
-  states: resuming gives exactly the uninterrupted run.
+  states: resuming gives exactly the uninterrupted run. A checkpoint is
+  written beside its place and renamed into it, so a crash never leaves a
+  half-written one.
+- Ctrl-C (SIGINT) or SIGTERM (a preempted job) finishes the current step,
+  saves a checkpoint and raises ``TrainingInterrupted``; a second signal stops
+  at once. Under DDP the processes agree on the step to stop at.
 - tqdm progress, and JSON lines in ``output_dir/log.jsonl``; every evaluation is
   reported as measured (never a max over evaluations).
 """
@@ -25,6 +30,10 @@ import math
 import os
 import random
 import re
+import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence
@@ -251,7 +260,10 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def train(self, resume_from: Optional[str] = None) -> Dict:
-        """Trains for total_steps; returns the last evaluation (empty without evaluation sets)."""
+        """Trains for total_steps; returns the last evaluation (empty without evaluation sets).
+
+        Raises TrainingInterrupted after SIGINT or SIGTERM, once the step under way is done and saved.
+        """
         if resume_from:
             self.load_checkpoint(resume_from)
         else:
@@ -266,33 +278,74 @@ class Trainer:
             bar = tqdm(total=self.total_steps, initial=self.global_step, desc="train", unit="step")
         last_eval: Dict = {}
         started = time.time()
-        while self.global_step < self.total_steps:
-            logs = self.train_step()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{logs['loss']:.4f}")
-            if self.global_step % self.args.logging_steps == 0 or self.global_step == self.total_steps:
-                self._log({"step": self.global_step, "epoch": self.global_step / steps_per_epoch,
-                           "elapsed_s": round(time.time() - started, 2), **logs})
-            if self.eval_datasets and (self.global_step % eval_every == 0 or self.global_step == self.total_steps):
-                last_eval = self.evaluate()
-                self._log({"step": self.global_step, "eval": last_eval})
-            if self.global_step % save_every == 0 or self.global_step == self.total_steps:
-                self.save_checkpoint(os.path.join(self.args.output_dir, f"checkpoint-{self.global_step}"))
-        if bar is not None:
-            bar.close()
+        with _deferred_stop_signals() as stop:
+            try:
+                while self.global_step < self.total_steps:
+                    evaluation, saved = self._train_one(steps_per_epoch, eval_every, save_every, started, bar)
+                    if evaluation is not None:
+                        last_eval = evaluation
+                    if self.global_step < self.total_steps and self._agree_to_stop(stop.is_set()):
+                        self._stop(saved)
+            finally:
+                if bar is not None:
+                    bar.close()
         return last_eval
 
+    def _train_one(self, steps_per_epoch, eval_every, save_every, started, bar):
+        """One step with its logging, evaluation and checkpoint: (the evaluation or None, whether it saved)."""
+        logs = self.train_step()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs['loss']:.4f}")
+        last = self.global_step == self.total_steps
+        if self.global_step % self.args.logging_steps == 0 or last:
+            self._log({"step": self.global_step, "epoch": self.global_step / steps_per_epoch,
+                       "elapsed_s": round(time.time() - started, 2), **logs})
+        evaluation = None
+        if self.eval_datasets and (self.global_step % eval_every == 0 or last):
+            evaluation = self.evaluate()
+            self._log({"step": self.global_step, "eval": evaluation})
+        saved = self.global_step % save_every == 0 or last
+        if saved:
+            self.save_checkpoint(self.checkpoint_path())
+        return evaluation, saved
+
+    def checkpoint_path(self) -> str:
+        return os.path.join(self.args.output_dir, f"checkpoint-{self.global_step}")
+
+    def _agree_to_stop(self, mine: bool) -> bool:
+        """Whether any process was asked to stop: under DDP all stop after the same step."""
+        if self.world == 1:
+            return mine
+        flag = torch.tensor([float(mine)], device=self.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _stop(self, saved: bool) -> None:
+        path = self.checkpoint_path()
+        if not saved:
+            self.save_checkpoint(path)
+        self._log({"step": self.global_step, "interrupted": True, "checkpoint": path})
+        raise TrainingInterrupted(self.global_step, path)
+
     def save_checkpoint(self, path: str) -> None:
+        """Writes the checkpoint into path.partial, then renames it to path (replacing an older one)."""
         if self.rank != 0:
             return
-        os.makedirs(path, exist_ok=True)
-        self.model.save_pretrained(path)
+        partial, old = path.rstrip(os.sep) + ".partial", path.rstrip(os.sep) + ".old"
+        for leftover in (partial, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+        os.makedirs(partial)
+        self.model.save_pretrained(partial)
         torch.save({
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "sampler": self.sampler.state_dict(),
             "global_step": self.global_step, "args": asdict(self.args), "rng": _rng_state(),
-        }, os.path.join(path, "trainer_state.pt"))
+        }, os.path.join(partial, "trainer_state.pt"))
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(partial, path)
+        shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, path: str) -> None:
         from safetensors.torch import load_file
@@ -305,6 +358,48 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.global_step = state["global_step"]
         _set_rng_state(state["rng"])
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on a signal after a whole step; ``checkpoint`` resumes it exactly."""
+
+    def __init__(self, step: int, checkpoint: str):
+        super().__init__(f"training interrupted after step {step}; checkpoint: {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+@contextlib.contextmanager
+def _deferred_stop_signals():
+    """While inside, the first SIGINT or SIGTERM only sets the yielded request; a second one acts at once.
+
+    Signal handlers can only be set from the main thread: elsewhere the signals keep their handlers.
+    """
+    request = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+
+    def restore():
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def handler(signum, frame):
+        if request.is_set():  # the second signal: the previous handlers, now
+            restore()
+            signal.raise_signal(signum)
+            return
+        request.set()
+        print(f"\ncamtl: {signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+              "(send it again to stop now)", file=sys.stderr, flush=True)
+
+    for sig in signals:
+        signal.signal(sig, handler)
+    try:
+        yield request
+    finally:
+        restore()
 
 
 def _rng_state() -> Dict:
