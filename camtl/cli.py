@@ -85,6 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_common(pr)
     pr.add_argument("--model_name_or_path", required=True)
     pr.add_argument("--output_dir", required=True)
+
+    pl = sub.add_parser("plot", help="draw a run's training curves (needs matplotlib)")
+    pl.add_argument("run", help="a camtl train output folder, or its log.jsonl")
+    pl.add_argument("--output", default=None, help="the image to write (default: curves.png beside the log)")
     return parser
 
 
@@ -158,6 +162,7 @@ def _train(args) -> int:
         results = trainer.train(resume_from=args.resume_from_checkpoint)
     except TrainingInterrupted as stop:
         if trainer.rank == 0:
+            _plot_curves(trainer.log_path)
             print(f"camtl train: interrupted after step {stop.step} of {trainer.total_steps}; to go on, run the "
                   f"same command with --resume_from_checkpoint {stop.checkpoint}", file=sys.stderr)
         return 130  # the shell's code for a run stopped by Ctrl-C
@@ -172,6 +177,27 @@ def _train(args) -> int:
         print(f"camtl train: {trainer.global_step} steps; evaluation (dev):")
         _print_results(results)
         print(f"model, tokenizer and tasks.json in {args.output_dir}; log in {trainer.log_path}")
+        _plot_curves(trainer.log_path)
+    return 0
+
+
+def _plot_curves(log_path: str) -> None:
+    """The run's curves beside its log; without matplotlib, a line saying how to get them."""
+    from camtl.training.curves import plot_training_log
+
+    try:
+        print(f"training curves: {plot_training_log(log_path)}")
+    except ImportError:
+        print("training curves: pip install matplotlib, then `camtl plot` the output folder")
+
+
+def _plot(args) -> int:
+    from camtl.training.curves import plot_training_log
+
+    try:
+        print(plot_training_log(args.run, args.output))
+    except (ImportError, FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"camtl plot: {exc}") from None
     return 0
 
 
@@ -252,7 +278,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if getattr(args, "bf16", False) and getattr(args, "fp16", False):
         raise SystemExit("camtl: choose at most one of --bf16 and --fp16")
-    return {"train": _train, "eval": _eval, "predict": _predict}[args.command](args)
+    return {"train": _train, "eval": _eval, "predict": _predict, "plot": _plot}[args.command](args)
 
 
 if __name__ == "__main__":

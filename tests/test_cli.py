@@ -51,6 +51,17 @@ def test_train_writes_model_logs_and_metrics(trained):
     assert 0.0 <= results["topic"]["accuracy"] <= 1.0 and "pearson" in results["overlap"]
 
 
+def test_train_draws_its_curves_and_plot_redraws_them(trained):
+    root, _, out, stdout = trained
+    assert f"training curves: {out / 'curves.png'}" in stdout
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert camtl("plot", str(out), "--output", str(root / "again.png"), cwd=root).strip() == str(root / "again.png")
+    assert (root / "again.png").stat().st_size > 10_000
+    done = subprocess.run([sys.executable, "-m", "camtl", "plot", str(root / "data")], capture_output=True, text=True,
+                          cwd=root, env=ENV)
+    assert done.returncode != 0 and "camtl plot: no training log at" in done.stderr
+
+
 def test_eval_reproduces_the_final_evaluation(trained):
     root, data, out, _ = trained
     stdout = camtl("eval", "--model_name_or_path", str(out), "--data_dir", str(data), cwd=root)
