@@ -4,7 +4,8 @@
 
 Each bench in BENCHES is a module in this folder exposing
 ``run(device, quick) -> list[dict]`` (a row has a boolean "pass" when it checks
-equivalence) and ``print_table(rows)``. Exits 1 if any row failed its check.
+equivalence) and ``print_table(rows)``. With --out, the JSON results are also drawn
+into DIR/summary.png (benchmarks/plot.py). Exits 1 if any row failed its check.
 """
 
 from __future__ import annotations
@@ -65,6 +66,13 @@ def main(argv=None) -> int:
             print(f"wrote {path}")
 
     print(f"\nwall time {time.perf_counter() - start:.1f} s")
+    if args.out:
+        try:
+            from plot import plot_results
+
+            print(f"wrote {plot_results(args.out)}")
+        except ImportError:
+            print("no summary figure: pip install matplotlib, then python benchmarks/plot.py " + args.out)
     if failed:
         print("equivalence FAILED: " + ", ".join(failed))
         return 1
