@@ -378,8 +378,9 @@ def _deferred_stop_signals():
     if threading.current_thread() is not threading.main_thread():
         yield request
         return
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.getsignal(sig) for sig in signals}
+    # A handler installed outside Python (getsignal gives None) cannot be restored: leave that signal alone.
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: handler for sig, handler in previous.items() if handler is not None}
 
     def restore():
         for sig, handler in previous.items():
@@ -394,7 +395,7 @@ def _deferred_stop_signals():
         print(f"\ncamtl: {signal.Signals(signum).name}: finishing this step and saving a checkpoint "
               "(send it again to stop now)", file=sys.stderr, flush=True)
 
-    for sig in signals:
+    for sig in previous:
         signal.signal(sig, handler)
     try:
         yield request
