@@ -71,6 +71,31 @@ def test_hidden_states_attentions_and_dynamic_length():
     torch.testing.assert_close(short, full[:, :8], rtol=1e-12, atol=1e-12)
 
 
+def test_compiles_as_one_graph_with_equal_outputs_and_gradients():
+    """torch.compile(fullgraph=True) on the CPU (aot_eager: the traced forward and backward, no codegen)."""
+    torch._dynamo.reset()
+    model = CaMtlBaseEncoder(tiny_config(4), num_tasks=3, max_seq_length=12).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    input_ids, attention_mask, token_type_ids, task_id = batch()
+    weight = torch.randn(5, 12, 24)
+
+    def loss_and_grads(fn):
+        model.zero_grad(set_to_none=True)
+        out = fn(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, task_id=task_id)
+        loss = (out[0] * weight).sum() + out[1].sum()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    want, want_grads = loss_and_grads(model)
+    got, got_grads = loss_and_grads(torch.compile(model, backend="aot_eager", fullgraph=True))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got_grads.keys() == want_grads.keys()
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_init_and_bad_input():
     torch.manual_seed(0)
     enc = CaMtlBaseEncoder(tiny_config(4), num_tasks=2, max_seq_length=12)

@@ -30,6 +30,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from camtl.nn import ConditionalBottleNeck, ConditionalLayerNorm, ConditionalSelfAttention, FiLM
+from camtl.ops import index_read_once
 
 __all__ = ["CaMtlBaseEncoder", "CaMtlLargeEncoder"]
 
@@ -329,9 +330,10 @@ class _CaMtlEncoder(PreTrainedModel):
 
         tasks = self.task_type_embeddings.weight  # one row per task: every FiLM runs once per task
         hidden = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
-        hidden = self.conditional_alignment(tasks, hidden, task_id=task_id)  # the raw task embedding z
-        sequence_output, all_hidden, all_probs = self.encoder(hidden, key_mask, tasks, task_id,
-                                                              output_hidden_states, output_attentions)
+        with index_read_once(task_id):  # the ops check the task ids' range once, not once each
+            hidden = self.conditional_alignment(tasks, hidden, task_id=task_id)  # the raw task embedding z
+            sequence_output, all_hidden, all_probs = self.encoder(hidden, key_mask, tasks, task_id,
+                                                                  output_hidden_states, output_attentions)
         pooled_output = self.pooler(sequence_output)
         out = BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=pooled_output,
                                          hidden_states=all_hidden, attentions=all_probs)

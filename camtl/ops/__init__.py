@@ -6,6 +6,7 @@ dtype or range), then runs on the backend chosen by ``camtl.use_backend`` /
 module's docstring.
 """
 
+from camtl.ops._checks import index_read_once
 from camtl.ops.adapter import film_linear
 from camtl.ops.attention import block_bias, conditional_attention
 from camtl.ops.film import film
@@ -13,4 +14,5 @@ from camtl.ops.layer_norm import conditional_layer_norm
 
 OP_NAMES = ("film", "block_bias", "conditional_attention", "conditional_layer_norm", "film_linear")
 
-__all__ = ["film", "block_bias", "conditional_attention", "conditional_layer_norm", "film_linear", "OP_NAMES"]
+__all__ = ["film", "block_bias", "conditional_attention", "conditional_layer_norm", "film_linear", "OP_NAMES",
+           "index_read_once"]

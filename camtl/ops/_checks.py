@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import weakref
-from typing import Dict, Optional, Sequence, Tuple
+import threading
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -75,30 +76,37 @@ def index(op: str, name: str, idx: Optional[torch.Tensor], batch: int, rows: int
             )
 
 
-# id(index tensor) -> (weak reference to it, its version counter, min, max): the ranges already read.
-_RANGES: Dict[int, Tuple[weakref.ref, int, int, int]] = {}
+_READ_RANGES = threading.local()  # .ranges: id(index tensor) -> (the tensor, min, max), inside read_once
+
+
+@contextlib.contextmanager
+def index_read_once(idx: Optional[torch.Tensor]):
+    """Inside, the ops read ``idx``'s range once (one host sync on a GPU) instead of once per op.
+
+    For a model's forward, which passes one task-id tensor to every op and does not change it. Outside
+    the block every op reads again, so a tensor changed between forwards is always checked afresh.
+    """
+    ranges = _READ_RANGES.__dict__.setdefault("ranges", {})
+    if idx is None or id(idx) in ranges or torch.compiler.is_compiling():
+        yield
+        return
+    ranges[id(idx)] = (idx, None)  # read on first use: an op that does not need it costs nothing
+    try:
+        yield
+    finally:
+        del ranges[id(idx)]
 
 
 def index_range(idx: torch.Tensor) -> Tuple[int, int]:
-    """(min, max) of a non-empty integer tensor, remembered while the tensor lives unmodified.
-
-    Reading them is a host sync on a GPU. A model passes the same task-id tensor to every op of a
-    forward: it is read once, not once per op. An in-place change bumps the version counter and is
-    read again; inference tensors have no version counter and are read every time.
-    """
-    key = id(idx)
-    try:
-        version = idx._version
-    except RuntimeError:  # an inference tensor
-        version = None
-    hit = _RANGES.get(key)
-    if version is not None and hit is not None and hit[0]() is idx and hit[1] == version:
-        return hit[2], hit[3]
+    """(min, max) of a non-empty integer tensor; read once per ``index_read_once`` block."""
+    ranges = getattr(_READ_RANGES, "ranges", {})
+    held = ranges.get(id(idx))
+    if held is not None and held[0] is idx and held[1] is not None:
+        return held[1]
     lo, hi = torch.aminmax(idx)
     lo, hi = int(lo), int(hi)
-    if version is not None:
-        # The callback drops the entry when the tensor dies, before its id can be reused.
-        _RANGES[key] = (weakref.ref(idx, lambda _, key=key: _RANGES.pop(key, None)), version, lo, hi)
+    if held is not None and held[0] is idx:
+        ranges[id(idx)] = (idx, (lo, hi))
     return lo, hi
 
 
