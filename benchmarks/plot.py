@@ -108,13 +108,20 @@ def summary_figure(results: Dict[str, dict]):
     return fig
 
 
-def plot_results(directory: str, out: Optional[str] = None) -> str:
-    """Reads DIR/<bench>.json and writes the summary figure (default DIR/summary.png); returns its path."""
+def plot_results(directory: str, out: Optional[str] = None, benches: Optional[List[str]] = None) -> str:
+    """Reads DIR/<bench>.json (those of ``benches``, default every one there) and writes the summary figure
+    (default DIR/summary.png); returns its path. A JSON file that is not a bench's result is skipped."""
+    names = benches if benches is not None else sorted(n[:-len(".json")] for n in os.listdir(directory)
+                                                        if n.endswith(".json"))
     results = {}
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".json"):
-            with open(os.path.join(directory, name)) as f:
-                results[name[:-len(".json")]] = json.load(f)
+    for name in names:
+        try:
+            with open(os.path.join(directory, f"{name}.json")) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("rows"), list):
+            results[name] = data
     if not results:
         raise FileNotFoundError(f"no <bench>.json in {directory}: run `make bench` (or benchmarks/run.py --out DIR)")
     out = out or os.path.join(directory, FIGURE_NAME)

@@ -162,9 +162,9 @@ def _train(args) -> int:
         results = trainer.train(resume_from=args.resume_from_checkpoint)
     except TrainingInterrupted as stop:
         if trainer.rank == 0:
-            _plot_curves(trainer.log_path)
             print(f"camtl train: interrupted after step {stop.step} of {trainer.total_steps}; to go on, run the "
                   f"same command with --resume_from_checkpoint {stop.checkpoint}", file=sys.stderr)
+            _plot_curves(trainer.log_path)
         return 130  # the shell's code for a run stopped by Ctrl-C
     if trainer.rank == 0:
         model.save_pretrained(args.output_dir)
@@ -182,13 +182,15 @@ def _train(args) -> int:
 
 
 def _plot_curves(log_path: str) -> None:
-    """The run's curves beside its log; without matplotlib, a line saying how to get them."""
+    """The run's curves beside its log; a failure to draw them is a warning, never the run's failure."""
     from camtl.training.curves import plot_training_log
 
     try:
         print(f"training curves: {plot_training_log(log_path)}")
     except ImportError:
         print("training curves: pip install matplotlib, then `camtl plot` the output folder")
+    except Exception as exc:  # noqa: BLE001  (the model and the checkpoints are saved already)
+        print(f"training curves: not drawn ({type(exc).__name__}: {exc})", file=sys.stderr)
 
 
 def _plot(args) -> int:

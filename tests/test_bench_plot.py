@@ -47,5 +47,9 @@ def test_plot_results_writes_a_png(tmp_path):
         plot_results(str(tmp_path))
     for name, rows in (("bench_model", MODEL), ("bench_modules", MODULES)):
         (tmp_path / f"{name}.json").write_text(json.dumps({"bench": name, "rows": rows}))
+    (tmp_path / "notes.json").write_text('{"not": "a bench"}')  # skipped
+    (tmp_path / "broken.json").write_text("{")  # skipped
     out = plot_results(str(tmp_path))
     assert out == str(tmp_path / "summary.png") and (tmp_path / "summary.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(FileNotFoundError):
+        plot_results(str(tmp_path), benches=["bench_attention"])  # only the benches asked for

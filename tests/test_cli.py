@@ -136,6 +136,29 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(trained):
     assert _same_weights(root / "resumed12", root / "straight12")
 
 
+def test_sigterm_to_torchrun_saves_one_checkpoint(trained):
+    """A preempted DDP job: torchrun forwards SIGTERM to its 2 processes (gloo); they agree on a step and save."""
+    root, data, _, _ = trained
+    out = root / "ddp-preempted"
+    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "-m", "camtl", "train", "--data_dir", str(data), "--output_dir", str(out),
+                            "--max_steps", "40", "--per_device_train_batch_size", "4", "--max_seq_length", "64",
+                            "--logging_steps", "1", "--save_steps", "100"], cwd=root, env=ENV,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, deadline = out / "log.jsonl", time.time() + 300
+    while not (log.exists() and '"step": 2,' in log.read_text()):
+        assert run.poll() is None and time.time() < deadline, "the run ended or stalled before step 2"
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode != 0  # torchrun reports the signal
+    last = json.loads(log.read_text().splitlines()[-1])
+    assert last["interrupted"] is True and 2 <= last["step"] < 40, stderr[-3000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{last['step']}"]
+    state = torch.load(out / f"checkpoint-{last['step']}" / "trainer_state.pt", weights_only=False)
+    assert state["global_step"] == last["step"]
+
+
 def test_bad_arguments(tmp_path):
     done = subprocess.run([sys.executable, "-m", "camtl", "train", "--bf16", "--fp16"], capture_output=True,
                           text=True, cwd=tmp_path, env=ENV)

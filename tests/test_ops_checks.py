@@ -48,6 +48,27 @@ def test_inside_one_read_per_index_tensor(count_reads):
         ops.film(x, g, b, index)
 
 
+def test_an_index_changed_inside_the_block_is_read_again(count_reads):
+    x, g, b = film_inputs()
+    index = torch.tensor([2, 0, 1, 2])
+    with ops.index_read_once(index):
+        ops.film(x, g, b, index)
+        index[1] = 5  # e.g. a forward hook: the version counter moves
+        with pytest.raises(IndexError, match=r"argument 'index' holds 5, out of range"):
+            ops.film(x, g, b, index)
+    assert len(count_reads) == 2
+
+
+def test_inference_tensors_are_read_by_every_op(count_reads):
+    x, g, b = film_inputs()
+    with torch.inference_mode():
+        index = torch.tensor([2, 0, 1, 2])
+        with ops.index_read_once(index):
+            ops.film(x, g, b, index)
+            ops.film(x, g, b, index)
+    assert len(count_reads) == 2
+
+
 def test_the_range_read_once_is_checked_against_each_table(count_reads):
     index = torch.tensor([0, 4, 1, 2])
     with ops.index_read_once(index):
@@ -66,3 +87,6 @@ def test_an_encoder_forward_reads_the_task_ids_once(count_reads):
     assert len(count_reads) == 1 and torch.isfinite(out[0]).all()
     with pytest.raises(IndexError, match="holds 3, out of range"):
         model(torch.randint(1, 50, (3, 16)), task_id=torch.tensor([2, 3, 1]))
+    with torch.inference_mode():
+        again = model(torch.randint(1, 50, (3, 16)), task_id=task_id)[0]  # inference tensors: no version counter
+    assert again.shape == out[0].shape and torch.isfinite(again).all()

@@ -48,6 +48,12 @@ def test_figure_draws_every_series(tmp_path):
     assert all(any(list(line.get_xdata()) == [3, 3] for line in ax.lines) for ax in fig.axes)
 
 
+def test_empty_panels_say_so(tmp_path):
+    records = RECORDS[:2] + [{"step": 2, "interrupted": True, "checkpoint": "run/checkpoint-2"}]
+    _, evals, _, _ = training_figure(read_log(str(write(tmp_path, records) / "log.jsonl"))).axes
+    assert [t.get_text() for t in evals.texts] == ["nothing logged"]
+
+
 def test_plot_writes_a_png(tmp_path):
     out = plot_training_log(str(write(tmp_path, RECORDS)))
     assert out == str(tmp_path / "curves.png")
@@ -64,6 +70,13 @@ def test_bad_logs_name_the_line(tmp_path):
     write(tmp_path, RECORDS[:1], extra='{"loss": 1.0}\n')
     with pytest.raises(ValueError, match=r"log.jsonl:2: expected an object with an integer 'step'"):
         read_log(str(tmp_path / "log.jsonl"))
+    for bad, message in (({"step": 4, "eval": {"cola": {"mcc": None}}}, r"log.jsonl:2: 'mcc' must be a number"),
+                         ({"step": 4, "eval": {"cola": 0.5}}, r"log.jsonl:2: the metrics of task 'cola'"),
+                         ({"step": 4, "eval": [1]}, r"log.jsonl:2: 'eval' must map each task"),
+                         ({"step": 4, "loss": "1.0"}, r"log.jsonl:2: 'loss' must be a number")):
+        write(tmp_path, RECORDS[:1] + [bad])
+        with pytest.raises(ValueError, match=message):
+            read_log(str(tmp_path / "log.jsonl"))
     write(tmp_path, [{"step": 1, "interrupted": True, "checkpoint": "x"}])
     with pytest.raises(ValueError, match="no training or evaluation record to plot"):
         plot_training_log(str(tmp_path))

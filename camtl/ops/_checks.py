@@ -76,7 +76,8 @@ def index(op: str, name: str, idx: Optional[torch.Tensor], batch: int, rows: int
             )
 
 
-_READ_RANGES = threading.local()  # .ranges: id(index tensor) -> (the tensor, min, max), inside read_once
+# .ranges: id(index tensor) -> (the tensor, None or (its version counter, min, max)), inside index_read_once
+_READ_RANGES = threading.local()
 
 
 @contextlib.contextmanager
@@ -84,10 +85,12 @@ def index_read_once(idx: Optional[torch.Tensor]):
     """Inside, the ops read ``idx``'s range once (one host sync on a GPU) instead of once per op.
 
     For a model's forward, which passes one task-id tensor to every op and does not change it. Outside
-    the block every op reads again, so a tensor changed between forwards is always checked afresh.
+    the block every op reads again, so a tensor changed between forwards is always checked afresh; one
+    changed in place inside the block (a hook) bumps its version counter and is read again too.
     """
     ranges = _READ_RANGES.__dict__.setdefault("ranges", {})
-    if idx is None or id(idx) in ranges or torch.compiler.is_compiling():
+    # Inference tensors have no version counter: they are read by every op.
+    if idx is None or id(idx) in ranges or torch.compiler.is_compiling() or idx.is_inference():
         yield
         return
     ranges[id(idx)] = (idx, None)  # read on first use: an op that does not need it costs nothing
@@ -101,12 +104,13 @@ def index_range(idx: torch.Tensor) -> Tuple[int, int]:
     """(min, max) of a non-empty integer tensor; read once per ``index_read_once`` block."""
     ranges = getattr(_READ_RANGES, "ranges", {})
     held = ranges.get(id(idx))
-    if held is not None and held[0] is idx and held[1] is not None:
-        return held[1]
+    held = held if held is not None and held[0] is idx else None
+    if held is not None and held[1] is not None and held[1][0] == idx._version:
+        return held[1][1], held[1][2]
     lo, hi = torch.aminmax(idx)
     lo, hi = int(lo), int(hi)
-    if held is not None and held[0] is idx:
-        ranges[id(idx)] = (idx, (lo, hi))
+    if held is not None:
+        ranges[id(idx)] = (idx, (idx._version, lo, hi))
     return lo, hi
 
 

@@ -47,18 +47,28 @@ def read_log(path: str) -> TrainingLog:
                 raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("step"), int):
                 raise ValueError(f"{path}:{number}: expected an object with an integer 'step', got {line.strip()[:80]}")
-            step = record["step"]
+            step, where = record["step"], f"{path}:{number}"
             if record.get("interrupted"):
                 log.interrupted_at.append(step)
             elif "eval" in record:
+                if not isinstance(record["eval"], dict):
+                    raise ValueError(f"{where}: 'eval' must map each task to its metrics")
                 for task, metrics in record["eval"].items():
+                    if not isinstance(metrics, dict):
+                        raise ValueError(f"{where}: the metrics of task {task!r} must be an object")
                     for metric, value in metrics.items():
-                        log.eval.setdefault(f"{task} {metric}", {})[step] = float(value)
+                        log.eval.setdefault(f"{task} {metric}", {})[step] = _number(value, where, metric)
             else:
                 for name, value in record.items():
                     if name == "loss" or name.startswith("loss/") or name in ("grad_norm", "lr"):
-                        log.train.setdefault(name, {})[step] = float(value)
+                        log.train.setdefault(name, {})[step] = _number(value, where, name)
     return log
+
+
+def _number(value, where: str, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{where}: {name!r} must be a number, got {value!r}")
+    return float(value)
 
 
 def training_figure(log: TrainingLog, title: str = ""):
@@ -94,10 +104,10 @@ def training_figure(log: TrainingLog, title: str = ""):
         ax.set_title(name)
         ax.grid(alpha=0.3)
         for step in log.interrupted_at:
-            ax.axvline(step, color="gray", linestyle="--", linewidth=1)
+            ax.axvline(step, color="gray", linestyle="--", linewidth=1, label="_interrupted")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
-        if not ax.lines:
+        if not any(line.get_label() != "_interrupted" for line in ax.lines):
             ax.text(0.5, 0.5, "nothing logged", ha="center", va="center", transform=ax.transAxes, color="gray")
     for ax in (ax_grad, ax_lr):
         ax.set_xlabel("step")

@@ -16,8 +16,9 @@
   written beside its place and renamed into it, so a crash never leaves a
   half-written one.
 - Ctrl-C (SIGINT) or SIGTERM (a preempted job) finishes the current step,
-  saves a checkpoint and raises ``TrainingInterrupted``; a second signal stops
-  at once. Under DDP the processes agree on the step to stop at.
+  saves a checkpoint (before any evaluation) and raises ``TrainingInterrupted``;
+  a second Ctrl-C stops at once. Under DDP the processes agree on the step to
+  stop at and wait for the save.
 - tqdm progress, and JSON lines in ``output_dir/log.jsonl``; every evaluation is
   reported as measured (never a max over evaluations).
 """
@@ -281,34 +282,41 @@ class Trainer:
         with _deferred_stop_signals() as stop:
             try:
                 while self.global_step < self.total_steps:
-                    evaluation, saved = self._train_one(steps_per_epoch, eval_every, save_every, started, bar)
+                    evaluation = self._train_one(steps_per_epoch, eval_every, save_every, started, bar, stop)
                     if evaluation is not None:
                         last_eval = evaluation
-                    if self.global_step < self.total_steps and self._agree_to_stop(stop.is_set()):
-                        self._stop(saved)
             finally:
                 if bar is not None:
                     bar.close()
         return last_eval
 
-    def _train_one(self, steps_per_epoch, eval_every, save_every, started, bar):
-        """One step with its logging, evaluation and checkpoint: (the evaluation or None, whether it saved)."""
+    def _train_one(self, steps_per_epoch, eval_every, save_every, started, bar, stop: threading.Event):
+        """One step with its logging, evaluation and checkpoint; returns the evaluation, if one ran.
+
+        When a stop was asked for (by any process), the evaluation is skipped: a preempted job has
+        seconds, and the checkpoint comes first. Then it raises TrainingInterrupted.
+        """
         logs = self.train_step()
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
         last = self.global_step == self.total_steps
-        if self.global_step % self.args.logging_steps == 0 or last:
+        stopping = not last and self._agree_to_stop(stop.is_set())
+        if self.global_step % self.args.logging_steps == 0 or last or stopping:
             self._log({"step": self.global_step, "epoch": self.global_step / steps_per_epoch,
                        "elapsed_s": round(time.time() - started, 2), **logs})
         evaluation = None
-        if self.eval_datasets and (self.global_step % eval_every == 0 or last):
+        if self.eval_datasets and (self.global_step % eval_every == 0 or last) and not stopping:
             evaluation = self.evaluate()
             self._log({"step": self.global_step, "eval": evaluation})
-        saved = self.global_step % save_every == 0 or last
-        if saved:
+        if self.global_step % save_every == 0 or last or stopping:
             self.save_checkpoint(self.checkpoint_path())
-        return evaluation, saved
+        if stopping:
+            if self.world > 1:
+                dist.barrier()  # no process exits (and gets its launcher to kill the others) before the save
+            self._log({"step": self.global_step, "interrupted": True, "checkpoint": self.checkpoint_path()})
+            raise TrainingInterrupted(self.global_step, self.checkpoint_path())
+        return evaluation
 
     def checkpoint_path(self) -> str:
         return os.path.join(self.args.output_dir, f"checkpoint-{self.global_step}")
@@ -320,13 +328,6 @@ class Trainer:
         flag = torch.tensor([float(mine)], device=self.device if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
-
-    def _stop(self, saved: bool) -> None:
-        path = self.checkpoint_path()
-        if not saved:
-            self.save_checkpoint(path)
-        self._log({"step": self.global_step, "interrupted": True, "checkpoint": path})
-        raise TrainingInterrupted(self.global_step, path)
 
     def save_checkpoint(self, path: str) -> None:
         """Writes the checkpoint into path.partial, then renames it to path (replacing an older one)."""
@@ -370,9 +371,11 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def _deferred_stop_signals():
-    """While inside, the first SIGINT or SIGTERM only sets the yielded request; a second one acts at once.
+    """While inside, SIGINT and SIGTERM only set the yielded request; a second SIGINT (Ctrl-C) acts at once.
 
-    Signal handlers can only be set from the main thread: elsewhere the signals keep their handlers.
+    A repeated SIGTERM is not an order to hurry: launchers (torchrun, SLURM) send it to every process,
+    some more than once. Signals the process ignores (nohup), or whose handler was set outside Python,
+    are left alone; so are all signals off the main thread (only it can set handlers).
     """
     request = threading.Event()
     if threading.current_thread() is not threading.main_thread():
@@ -380,16 +383,17 @@ def _deferred_stop_signals():
         return
     # A handler installed outside Python (getsignal gives None) cannot be restored: leave that signal alone.
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    previous = {sig: handler for sig, handler in previous.items() if handler is not None}
+    previous = {sig: handler for sig, handler in previous.items() if handler not in (None, signal.SIG_IGN)}
 
     def restore():
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
     def handler(signum, frame):
-        if request.is_set():  # the second signal: the previous handlers, now
-            restore()
-            signal.raise_signal(signum)
+        if request.is_set():
+            if signum == signal.SIGINT:  # Ctrl-C again: the previous handlers, now
+                restore()
+                signal.raise_signal(signum)
             return
         request.set()
         print(f"\ncamtl: {signal.Signals(signum).name}: finishing this step and saving a checkpoint "
