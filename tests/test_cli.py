@@ -108,25 +108,32 @@ def test_same_seed_same_run(trained):
     assert not _same_weights(out, root / "other")  # the seed does reach the run
 
 
+def signal_after_step_2(command, out, signum, cwd):
+    """Runs ``command`` (which trains into ``out``, logging every step), sends ``signum`` once step 2 is logged;
+    returns (its exit code, its stderr) once it has ended."""
+    run = subprocess.Popen(command, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, deadline = out / "log.jsonl", time.time() + 300
+    while not (log.exists() and '"step": 2,' in log.read_text()):
+        assert run.poll() is None and time.time() < deadline, "the run ended or stalled before step 2"
+        time.sleep(0.05)
+    run.send_signal(signum)
+    _, stderr = run.communicate(timeout=300)
+    return run.returncode, stderr
+
+
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(trained):
     """SIGINT mid-run: the step under way finishes, a checkpoint is saved, exit 130; resuming equals no interrupt."""
     root, data, _, _ = trained
     args = ("--data_dir", str(data), *TRAIN_ARGS, "--max_steps", "12", "--save_steps", "100")
     out = root / "interrupted"
-    run = subprocess.Popen([sys.executable, "-m", "camtl", "train", *args, "--output_dir", str(out)], cwd=root,
-                           env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log, deadline = out / "log.jsonl", time.time() + 300
-    while not (log.exists() and '"step": 2,' in log.read_text()):
-        assert run.poll() is None and time.time() < deadline, "the run ended or stalled before step 2"
-        time.sleep(0.05)
-    run.send_signal(signal.SIGINT)
-    _, stderr = run.communicate(timeout=300)
-    assert run.returncode == 130, stderr[-3000:]
+    returncode, stderr = signal_after_step_2([sys.executable, "-m", "camtl", "train", *args, "--output_dir",
+                                              str(out)], out, signal.SIGINT, root)
+    assert returncode == 130, stderr[-3000:]
     step = int(re.search(r"interrupted after step (\d+) of 12", stderr).group(1))
     checkpoint = out / f"checkpoint-{step}"
     assert 2 <= step < 12 and f"--resume_from_checkpoint {checkpoint}" in stderr
     assert sorted(p.name for p in out.glob("checkpoint-*")) == [checkpoint.name]  # no partial one left
-    records = [json.loads(line) for line in log.read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert records[-1] == {"step": step, "interrupted": True, "checkpoint": str(checkpoint)}
     assert [r["step"] for r in records if "loss" in r] == list(range(1, step + 1))
 
@@ -140,19 +147,12 @@ def test_sigterm_to_torchrun_saves_one_checkpoint(trained):
     """A preempted DDP job: torchrun forwards SIGTERM to its 2 processes (gloo); they agree on a step and save."""
     root, data, _, _ = trained
     out = root / "ddp-preempted"
-    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            "-m", "camtl", "train", "--data_dir", str(data), "--output_dir", str(out),
-                            "--max_steps", "40", "--per_device_train_batch_size", "4", "--max_seq_length", "64",
-                            "--logging_steps", "1", "--save_steps", "100"], cwd=root, env=ENV,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log, deadline = out / "log.jsonl", time.time() + 300
-    while not (log.exists() and '"step": 2,' in log.read_text()):
-        assert run.poll() is None and time.time() < deadline, "the run ended or stalled before step 2"
-        time.sleep(0.05)
-    run.send_signal(signal.SIGTERM)
-    _, stderr = run.communicate(timeout=300)
-    assert run.returncode != 0  # torchrun reports the signal
-    last = json.loads(log.read_text().splitlines()[-1])
+    returncode, stderr = signal_after_step_2(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "camtl", "train",
+         "--data_dir", str(data), "--output_dir", str(out), "--max_steps", "40", "--per_device_train_batch_size", "4",
+         "--max_seq_length", "64", "--logging_steps", "1", "--save_steps", "100"], out, signal.SIGTERM, root)
+    assert returncode != 0  # torchrun reports the signal
+    last = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
     assert last["interrupted"] is True and 2 <= last["step"] < 40, stderr[-3000:]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{last['step']}"]
     state = torch.load(out / f"checkpoint-{last['step']}" / "trainer_state.pt", weights_only=False)
