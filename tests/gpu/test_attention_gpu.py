@@ -7,7 +7,7 @@ import torch
 
 import camtl
 from camtl import ops
-from conftest import assert_close, bert_config
+from camtl_test_helpers import assert_close, bert_config
 
 CUDA = torch.device("cuda")
 SHAPES = [(32, 12, 128, 64, 128), (8, 16, 512, 64, 512)]  # B, H, L, d, L_max

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import camtl
-from conftest import assert_close, bert_config, poisoned_empty, run_with_grads, triton_vs_torch
+from camtl_test_helpers import assert_close, bert_config, poisoned_empty, run_with_grads, triton_vs_torch
 from test_kernels_adapter import NAMES as ADAPTER_NAMES, film_linear, make as make_adapter
 from test_kernels_film import NAMES as FILM_NAMES, film, make as make_film
 from test_kernels_layer_norm import NAMES as CLN_NAMES, cln, make as make_cln

@@ -9,7 +9,7 @@ import camtl
 import camtl.nn as cnn
 from camtl import ops
 from camtl.testing import published as pub
-from conftest import assert_close, bert_config
+from camtl_test_helpers import assert_close, bert_config
 
 CUDA = torch.device("cuda")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
