@@ -6,8 +6,11 @@ Files (see :class:`~camtl.data.tasks.TaskSpec` for the columns):
   A header line is skipped when ``skip_header``; it also fixes the column count every row must have.
 - JSONL: UTF-8, one JSON object per line; text fields are strings, labels are strings or numbers.
 - Lines that are empty are skipped (they hold no example). Any other row that cannot be read exactly raises
-  :class:`DataFormatError` naming the file and line: a wrong column count, a missing key, an unknown class
-  label, a regression label that is not a finite number. Nothing is dropped or relabeled silently.
+  :class:`DataFormatError` naming the file and line: bytes that are not UTF-8, a wrong column count, a missing
+  key, an empty (or all-whitespace) text, an unknown class label, a regression label that is not a finite
+  number, an example id that is empty or holds a tab or line break. Nothing is dropped or relabeled silently.
+- A file with no example (only a header) reads as an empty list; :meth:`MultiTaskDataset.from_specs` (the
+  training set) refuses a task without examples, evaluation sets may be empty (``len(dataset) == 0``).
 
 Items of :class:`MultiTaskDataset`::
 
@@ -65,9 +68,16 @@ class Example:
 
 def _read_lines(path):
     """(1-based line number, line) without its line ending; splits on "\\n" only, so a stray "\\r" in a text
-    never breaks a row."""
-    with open(path, encoding="utf-8-sig", newline="\n") as f:  # -sig: tolerate a BOM
-        for lineno, line in enumerate(f, 1):
+    never breaks a row. Decoded line by line, so that bytes that are not UTF-8 are reported with their line."""
+    with open(path, "rb") as f:  # binary: iteration splits on b"\n" only
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # tolerate a BOM
+                raw = raw[3:]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataFormatError(path, lineno, f"invalid UTF-8: byte {raw[e.start]:#04x} at column "
+                                                    f"{e.start + 1}") from None
             yield lineno, line.rstrip("\n").rstrip("\r")
 
 
@@ -125,7 +135,21 @@ def _jsonl_rows(path, columns):
 def _text(value, path, lineno, col):
     if not isinstance(value, str):
         raise DataFormatError(path, lineno, f"text column {col!r} is {type(value).__name__}, expected a string")
+    if not value.strip():  # it would train on the special tokens alone
+        raise DataFormatError(path, lineno, f"text column {col!r} is empty ({value!r}); fix or remove the row")
     return value
+
+
+def _guid(value, path, lineno, col):
+    """An id column's value; it is written to prediction files, so it is a non-empty one-line TSV field."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DataFormatError(path, lineno, f"id column {col!r} is {type(value).__name__}, expected a string or "
+                                            f"an integer")
+    guid = str(value).strip()
+    if not guid or any(c in guid for c in "\t\n\r"):
+        raise DataFormatError(path, lineno, f"id column {col!r} holds {value!r}: an id must be non-empty, without "
+                                            f"tabs or line breaks")
+    return guid
 
 
 def _label(spec: TaskSpec, value, path, lineno):
@@ -169,7 +193,8 @@ def read_examples(spec: TaskSpec, data_dir, split: str) -> List[Example]:
         for lineno, get in rows:
             texts = [_text(get(c), path, lineno, c) for c in text_cols]
             label = None if label_col is None else _label(spec, get(label_col), path, lineno)
-            guid = str(get(id_col)).strip() if id_col is not None else f"{spec.name}-{split}-{lineno}"
+            guid = (_guid(get(id_col), path, lineno, id_col) if id_col is not None
+                    else f"{spec.name}-{split}-{lineno}")
             examples.append(Example(guid, texts[0], texts[1] if len(texts) == 2 else None, label))
     except FileNotFoundError:
         raise FileNotFoundError(f"task {spec.name!r}, split {split!r}: no file {path}") from None
@@ -198,8 +223,25 @@ class Encodings:
         return self.input_ids[a:b], self.token_type_ids[a:b]
 
 
+def _positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+def _text_runs(special_mask) -> int:
+    """How many runs of text (non-special) tokens a sequence has: 1 per text that kept a token."""
+    mask = bytes([1, *special_mask])  # C-speed counting: a run starts where a special token is followed by text
+    return mask.count(b"\x01\x00")
+
+
 def encode_examples(examples: Sequence[Example], tokenizer, max_seq_length: int, chunk: int = 2048) -> Encodings:
-    """Tokenize with the tokenizer's special tokens, truncated to ``max_seq_length`` (pairs: longest_first)."""
+    """Tokenize with the tokenizer's special tokens, truncated to ``max_seq_length`` (pairs: longest_first).
+
+    ``max_seq_length`` must leave room for at least one token of each text beside the special tokens; an
+    example whose text yields no token (say only characters the tokenizer drops) is an error."""
+    max_seq_length = _positive_int(max_seq_length, "max_seq_length")
+    chunk = _positive_int(chunk, "chunk")
     n = len(examples)
     ids: List[Optional[np.ndarray]] = [None] * n
     types: List[Optional[np.ndarray]] = [None] * n
@@ -207,18 +249,30 @@ def encode_examples(examples: Sequence[Example], tokenizer, max_seq_length: int,
     # Single sentences and pairs are tokenized in separate calls (a call takes all pairs or none).
     for is_pair in (False, True):
         idx = np.flatnonzero(pair == is_pair)
+        if len(idx) == 0:
+            continue
+        num_texts = 2 if is_pair else 1
+        needed = tokenizer.num_special_tokens_to_add(pair=is_pair) + num_texts
+        if max_seq_length < needed:  # truncation would drop a whole text, or fail
+            raise ValueError(f"max_seq_length={max_seq_length} is too small: a {'pair' if is_pair else 'single'} "
+                             f"example needs {needed - num_texts} special tokens and 1 token per text, "
+                             f"max_seq_length >= {needed}")
         for start in range(0, len(idx), chunk):
             part = idx[start:start + chunk]
             enc = tokenizer([examples[i].text_a for i in part],
                             [examples[i].text_b for i in part] if is_pair else None,
                             truncation="longest_first", max_length=max_seq_length, padding=False,
-                            return_token_type_ids=True, return_attention_mask=False)
+                            return_token_type_ids=True, return_attention_mask=False,
+                            return_special_tokens_mask=True)
             tt = enc.get("token_type_ids")
             for j, i in enumerate(part):
                 seq = enc["input_ids"][j]
                 if len(seq) > max_seq_length:  # the tokenizer only logs when it cannot truncate enough
                     raise ValueError(f"example {examples[i].guid!r} has {len(seq)} tokens after truncation, more "
                                      f"than max_seq_length={max_seq_length} (too small for the special tokens?)")
+                if _text_runs(enc["special_tokens_mask"][j]) < num_texts:
+                    raise ValueError(f"example {examples[i].guid!r}: a text gives no token (only characters the "
+                                     f"tokenizer drops?): {examples[i].text_a!r}, {examples[i].text_b!r}")
                 ids[i] = np.asarray(seq, dtype=np.int32)
                 types[i] = np.asarray(tt[j] if tt is not None else np.zeros(len(seq)), dtype=np.int8)
     offsets = np.zeros(n + 1, dtype=np.int64)
@@ -269,9 +323,18 @@ class MultiTaskDataset(torch.utils.data.Dataset):
 
     @classmethod
     def from_specs(cls, specs: Sequence[TaskSpec], data_dir, split: str, tokenizer, max_seq_length: int):
-        """``split`` of every spec; task ids are the specs' positions."""
-        return cls([TaskSplit.load(s, data_dir, split, tokenizer, max_seq_length, task_id=i)
-                    for i, s in enumerate(specs)])
+        """``split`` of every spec; task ids are the specs' positions. A task with no example in ``split`` is a
+        ValueError: its sampler would have nothing to draw (evaluation sets, from :func:`eval_datasets`, may be
+        empty)."""
+        if not specs:
+            raise ValueError("no task specs given")
+        parts = [TaskSplit.load(s, data_dir, split, tokenizer, max_seq_length, task_id=i)
+                 for i, s in enumerate(specs)]
+        for p in parts:
+            if not p.examples:
+                raise ValueError(f"task {p.spec.name!r}: {p.spec.path(data_dir, split)} has no example (split "
+                                 f"{split!r})")
+        return cls(parts)
 
     def __len__(self):
         return self._starts[-1]
@@ -320,14 +383,23 @@ class DynamicPaddingCollator:
     def __init__(self, pad_token_id: int, max_seq_length: int, pad_to_multiple_of: Optional[int] = None):
         if pad_token_id is None:
             raise ValueError("pad_token_id is None (the tokenizer has no pad token)")
+        if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, (int, np.integer)) or pad_token_id < 0:
+            raise ValueError(f"pad_token_id must be an int >= 0, got {pad_token_id!r}")
         self.pad_token_id = int(pad_token_id)
-        self.max_seq_length = int(max_seq_length)
-        self.pad_to_multiple_of = pad_to_multiple_of
+        self.max_seq_length = _positive_int(max_seq_length, "max_seq_length")
+        self.pad_to_multiple_of = (None if pad_to_multiple_of is None
+                                   else _positive_int(pad_to_multiple_of, "pad_to_multiple_of"))
 
     def __call__(self, items: Sequence[Dict]) -> Dict[str, torch.Tensor]:
         if not items:
             raise ValueError("empty batch")
         lengths = [len(it["input_ids"]) for it in items]
+        for it, n in zip(items, lengths):
+            if n == 0:  # a fully masked row: its attention has no key to attend to
+                raise ValueError("an item has no tokens (empty input_ids)")
+            if len(it["token_type_ids"]) != n or len(it["attention_mask"]) != n:
+                raise ValueError(f"an item's input_ids, token_type_ids and attention_mask differ in length: "
+                                 f"{n}, {len(it['token_type_ids'])}, {len(it['attention_mask'])}")
         longest = max(lengths)
         if longest > self.max_seq_length:
             raise ValueError(f"an item has {longest} tokens, more than max_seq_length={self.max_seq_length}")

@@ -1,9 +1,12 @@
 """Task specifications: where a task's files are, which columns hold the texts and the label, and how it is scored.
 
 A :class:`TaskSpec` describes one task (one head of the model). Its ``files`` map split names to paths relative
-to the data directory. Labeled splits are read with the spec's own columns; the splits named in ``test_splits``
-are unlabeled (GLUE test files) and are read with ``test_layout``, which gives an example id column instead of
-a label.
+to the data directory; a path that is absolute or leads out of the data directory (``..``, or a symlink
+resolving elsewhere) is refused, since specs may come from a downloaded model folder. Task, split and
+evaluation names are safe file-name parts (:func:`check_safe_name`), so they may name output files.
+
+Labeled splits are read with the spec's own columns; the splits named in ``test_splits`` are unlabeled (GLUE
+test files) and are read with ``test_layout``, which gives an example id column instead of a label.
 
 Columns are 0-based positions for TSV files (negative counts from the end: -1 is the last column), or header
 names for TSV files with a header, or keys for JSONL files.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping, Optional, Sequence, Tuple, Union
@@ -42,9 +46,59 @@ METRIC_NAMES = {
 
 FORMATS = ("tsv", "jsonl")
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_SAFE_NAME_MAX = 100
+
+
+def check_safe_name(kind: str, value) -> str:
+    """``value`` if it is a safe file-name part (letters, digits, ``.``, ``_``, ``-``; starting with a letter or
+    digit; no ``..``; at most 100 characters), else a ValueError naming ``kind`` (e.g. ``"task name"``).
+
+    Task, split and evaluation names pass this check, so output files may be named after them."""
+    if not isinstance(value, str):
+        raise ValueError(f"{kind} must be a string, got {type(value).__name__} {value!r}")
+    if not _SAFE_NAME.fullmatch(value) or ".." in value or len(value) > _SAFE_NAME_MAX:
+        raise ValueError(f"{kind} {value!r} is not a safe name: use letters, digits, '.', '_' and '-', starting "
+                         f"with a letter or digit, without '..', at most {_SAFE_NAME_MAX} characters")
+    return value
+
+
+def _check_relative_path(value, what, entry) -> str:
+    """A spec's file entry: a non-empty relative path that stays inside the data directory (lexically; symlinks
+    are checked when the path is resolved against a real directory, in :meth:`TaskSpec.path`)."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what}: files[{entry!r}] must be a non-empty path string, got {value!r}")
+    if "\0" in value:
+        raise ValueError(f"{what}: files[{entry!r}] = {value!r} holds a NUL character")
+    norm = os.path.normpath(value)
+    if os.path.isabs(value) or norm == os.curdir or norm == os.pardir or norm.startswith(os.pardir + os.sep):
+        raise ValueError(f"{what}: files[{entry!r}] = {value!r} must be a file path relative to the data "
+                         f"directory, inside it (no absolute path, no '..' leading out)")
+    return value
+
+
+def _check_type(value, types, what, expected):
+    types = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):  # bool is an int, not here
+        raise ValueError(f"{what} must be {expected}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _name_map(value, what, key_kind, value_kind) -> dict:
+    """A mapping of safe names to safe names (``eval_splits``, ``test_splits``)."""
+    _check_type(value, Mapping, what, "an object mapping names to split names")
+    return {check_safe_name(f"{what}: {key_kind}", k): check_safe_name(f"{what}[{k!r}]: {value_kind}", v)
+            for k, v in value.items()}
+
 
 def _columns(value, what) -> Tuple[Column, ...]:
-    cols = (value,) if isinstance(value, (int, str)) else tuple(value)
+    if isinstance(value, (int, str)):
+        cols = (value,)
+    elif isinstance(value, (list, tuple)):
+        cols = tuple(value)
+    else:
+        raise ValueError(f"{what}: text_columns must be a column or a list of 1 or 2 columns, got "
+                         f"{type(value).__name__} {value!r}")
     if not 1 <= len(cols) <= 2:
         raise ValueError(f"{what}: 1 or 2 text columns, got {list(cols)}")
     return cols
@@ -77,6 +131,24 @@ class TestLayout:
 
     def __post_init__(self):
         object.__setattr__(self, "text_columns", _columns(self.text_columns, "test_layout"))
+        _check_type(self.skip_header, bool, "test_layout.skip_header", "true or false")
+        if self.num_columns is not None and _check_type(self.num_columns, int, "test_layout.num_columns",
+                                                        "an int >= 1 or null") < 1:
+            raise ValueError(f"test_layout.num_columns must be an int >= 1 or null, got {self.num_columns!r}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping, what: str = "test_layout") -> "TestLayout":
+        _check_type(d, Mapping, what, "an object")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(fields))
+        if unknown:
+            raise ValueError(f"{what}: unknown test_layout keys {unknown}; allowed: {fields}")
+        if "text_columns" not in d:
+            raise ValueError(f"{what}: test_layout lacks ['text_columns']")
+        try:
+            return cls(**d)
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -117,24 +189,35 @@ class TaskSpec:
 
     def __post_init__(self):
         set_ = object.__setattr__.__get__(self)  # frozen: normalize fields once, here
-        what = f"task {self.name!r}"
-        if not self.name:
+        if self.name is None or self.name == "":
             raise ValueError("a task needs a name")
-        if self.format not in FORMATS:
+        check_safe_name("task name", self.name)
+        what = f"task {self.name!r}"
+        if not isinstance(self.format, str) or self.format not in FORMATS:
             raise ValueError(f"{what}: format must be one of {FORMATS}, got {self.format!r}")
         set_("text_columns", _columns(self.text_columns, what))
         if isinstance(self.num_labels, bool) or not isinstance(self.num_labels, int) or self.num_labels < 1:
             raise ValueError(f"{what}: num_labels must be an int >= 1 (1 = regression), got {self.num_labels!r}")
+        _check_type(self.skip_header, bool, f"{what}: skip_header", "true or false")
+        if self.num_columns is not None and (
+                _check_type(self.num_columns, int, f"{what}: num_columns", "an int >= 1 or null") < 1):
+            raise ValueError(f"{what}: num_columns must be an int >= 1 or null, got {self.num_columns!r}")
         if self.num_labels == 1:
             if self.labels is not None:
                 raise ValueError(f"{what}: a regression task (num_labels=1) has no label list")
         else:
+            if self.labels is not None and not isinstance(self.labels, (list, tuple)):
+                # a string would be read as its characters: "01" as ("0", "1")
+                raise ValueError(f"{what}: labels must be a list of {self.num_labels} label strings, got "
+                                 f"{type(self.labels).__name__} {self.labels!r}")
             labels = tuple(str(i) for i in range(self.num_labels)) if self.labels is None else tuple(self.labels)
-            if len(labels) != self.num_labels or len(set(labels)) != len(labels):
-                raise ValueError(f"{what}: labels must be {self.num_labels} distinct strings, got {list(labels)}")
             if not all(isinstance(x, str) for x in labels):
                 raise ValueError(f"{what}: labels are the strings found in the files, got {list(labels)}")
+            if len(labels) != self.num_labels or len(set(labels)) != len(labels):
+                raise ValueError(f"{what}: labels must be {self.num_labels} distinct strings, got {list(labels)}")
             set_("labels", labels)
+        if self.metric is not None and not isinstance(self.metric, str):
+            raise ValueError(f"{what}: metric must be one of {sorted(METRIC_NAMES)}, got {self.metric!r}")
         metric = self.metric or ("pearson_spearman" if self.num_labels == 1 else "accuracy")
         if metric not in METRIC_NAMES:
             raise ValueError(f"{what}: metric must be one of {sorted(METRIC_NAMES)}, got {metric!r}")
@@ -143,13 +226,17 @@ class TaskSpec:
         if metric in ("f1_accuracy", "mcc") and self.num_labels != 2:
             raise ValueError(f"{what}: metric {metric!r} needs 2 classes (positive class id 1)")
         set_("metric", metric)
+        _check_type(self.files, Mapping, f"{what}: files", "an object mapping split names to paths")
         if not self.files:
             raise ValueError(f"{what}: files must map at least one split to a path")
-        set_("files", MappingProxyType(dict(self.files)))
+        set_("files", MappingProxyType({check_safe_name(f"{what}: split name", k): _check_relative_path(v, what, k)
+                                        for k, v in self.files.items()}))
         eval_splits = {self.name: "dev"} if self.eval_splits is None and "dev" in self.files else self.eval_splits
         test_splits = {self.name: "test"} if self.test_splits is None and "test" in self.files else self.test_splits
-        set_("eval_splits", MappingProxyType(dict(eval_splits or {})))
-        set_("test_splits", MappingProxyType(dict(test_splits or {})))
+        set_("eval_splits", MappingProxyType(_name_map({} if eval_splits is None else eval_splits,
+                                                       f"{what}: eval_splits", "evaluation name", "split name")))
+        set_("test_splits", MappingProxyType(_name_map({} if test_splits is None else test_splits,
+                                                       f"{what}: test_splits", "prediction name", "split name")))
         for kind, splits in (("eval_splits", self.eval_splits), ("test_splits", self.test_splits)):
             missing = [s for s in splits.values() if s not in self.files]
             if missing:
@@ -160,7 +247,9 @@ class TaskSpec:
         if self.test_layout is None:
             set_("test_layout", TestLayout(self.text_columns, self.id_column, self.skip_header, self.num_columns))
         elif isinstance(self.test_layout, Mapping):
-            set_("test_layout", TestLayout(**self.test_layout))
+            set_("test_layout", TestLayout.from_dict(self.test_layout, what))
+        elif not isinstance(self.test_layout, TestLayout):
+            raise ValueError(f"{what}: test_layout must be an object (a TestLayout), got {self.test_layout!r}")
         for col in (*self.text_columns, self.label_column, *([self.id_column] if self.id_column is not None else [])):
             _check_column(col, self.format, self.skip_header, what)
         t = self.test_layout
@@ -180,28 +269,31 @@ class TaskSpec:
         return split in self.test_splits.values()
 
     def path(self, data_dir, split: str) -> str:
-        """The file of ``split`` under ``data_dir``."""
+        """The file of ``split`` under ``data_dir``. A ValueError if it resolves (symlinks followed) outside
+        ``data_dir``: the spec may come from an untrusted tasks.json."""
         if split not in self.files:
             raise KeyError(f"task {self.name!r} has no split {split!r}; it has {list(self.files)}")
-        return os.path.join(os.fspath(data_dir), self.files[split])
+        rel = self.files[split]
+        path = os.path.join(os.fspath(data_dir), rel)
+        root, resolved = os.path.realpath(os.fspath(data_dir)), os.path.realpath(path)
+        if os.path.isabs(rel) or resolved == root or os.path.commonpath([root, resolved]) != root:
+            raise ValueError(f"task {self.name!r}: files[{split!r}] = {rel!r} resolves to {resolved!r}, outside "
+                             f"the data directory {root!r}")
+        return path
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "TaskSpec":
         """A spec from a plain dict (e.g. parsed JSON); lists become tuples, unknown keys are an error."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a task spec is an object (dict), got {type(d).__name__} {d!r}")
         fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
+        unknown = sorted(set(d) - fields, key=str)
         if unknown:
             raise ValueError(f"unknown task spec keys {unknown}; allowed: {sorted(fields)}")
         missing = [k for k in ("name", "text_columns", "label_column", "num_labels", "files") if k not in d]
         if missing:
             raise ValueError(f"task spec {d.get('name', '?')!r} lacks {missing}")
-        kw = dict(d)
-        if isinstance(kw.get("test_layout"), Mapping):
-            unknown = sorted(set(kw["test_layout"]) - {f.name for f in dataclasses.fields(TestLayout)})
-            if unknown:
-                raise ValueError(f"unknown test_layout keys {unknown}")
-            kw["test_layout"] = TestLayout(**kw["test_layout"])
-        return cls(**kw)
+        return cls(**d)
 
     def to_dict(self) -> dict:
         """The inverse of :meth:`from_dict` (JSON-serializable)."""
@@ -218,13 +310,48 @@ class TaskSpec:
         return out
 
 
+def _no_duplicate_keys(pairs):
+    keys = [k for k, _ in pairs]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise ValueError(f"duplicate keys {dup} in a JSON object")
+    return dict(pairs)
+
+
 def load_task_specs(path) -> list:
-    """TaskSpecs from a JSON file holding a list of spec dicts (see :meth:`TaskSpec.from_dict`)."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of task specs, got {type(data).__name__}")
-    return [TaskSpec.from_dict(d) for d in data]
+    """TaskSpecs from a JSON file holding a list of spec dicts (see :meth:`TaskSpec.from_dict`).
+
+    Every error is a ValueError whose message starts with the file name (and, for invalid JSON, line:column)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: invalid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
+    try:
+        data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    except ValueError as e:  # a duplicate key
+        raise ValueError(f"{path}: {e}") from None
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{path}: expected a non-empty JSON list of task specs (objects), got "
+                         f"{json.dumps(data)[:80] if isinstance(data, list) else type(data).__name__}")
+    specs = []
+    for i, d in enumerate(data):
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: task spec #{i} is {type(d).__name__} {json.dumps(d)[:80]}, expected a JSON "
+                             f"object")
+        try:
+            specs.append(TaskSpec.from_dict(d))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: task spec #{i}: {e}") from None
+    names = [s.name for s in specs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"{path}: task names {dup} appear more than once")
+    return specs
 
 
 def save_task_specs(specs: Sequence[TaskSpec], path) -> None:
