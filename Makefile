@@ -1,5 +1,6 @@
 # make test   - create .venv, install, run the CPU test suite (Triton kernels under the interpreter)
 # make bench  - create .venv, install, run the benchmarks on this machine's device
+# make mutate - create .venv, install, run the listed mutants (scripts/mutants.py) against their tests; MUTATE_ARGS="--only A3 --jobs 2"
 # make gpu-check - on a CUDA machine (preinstalled torch/triton, offline): tests/gpu + benchmarks into $GPU_CHECK_OUT
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +8,7 @@ VPY := $(VENV)/bin/python
 BENCH_OUT ?= .benchmarks/latest
 export GPU_CHECK_OUT ?= gpu-check-out
 
-.PHONY: test bench gpu-check venv clean
+.PHONY: test bench mutate gpu-check venv clean
 
 venv: $(VENV)/.camtl-installed
 
@@ -20,6 +21,9 @@ test: venv
 
 bench: venv
 	$(VPY) benchmarks/run.py --out $(BENCH_OUT)
+
+mutate: venv
+	$(VPY) scripts/mutate.py $(MUTATE_ARGS)
 
 gpu-check:
 	PYTHON=$(PYTHON) bash scripts/gpu_check.sh
