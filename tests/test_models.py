@@ -5,7 +5,7 @@ import torch
 from transformers import BertConfig
 
 from camtl.models import CaMtlBaseEncoder, CaMtlLargeEncoder
-from camtl.testing.published import PublishedCaMtlEncoder
+from camtl.testing.published import PublishedCaMtlEncoder, PublishedSelfAttention
 
 
 def tiny_config(layers):
@@ -52,17 +52,44 @@ def test_published_state_dict_loads_strict_and_matches(cls, layers):
             torch.testing.assert_close(ours_params[name].grad, p.grad, rtol=1e-10, atol=1e-12, msg=name)
 
 
-def test_hidden_states_attentions_and_dynamic_length():
-    ours = CaMtlBaseEncoder(tiny_config(4), num_tasks=3, max_seq_length=12).double().eval()
+def published_internals(theirs, input_ids, attention_mask, token_type_ids, task_id):
+    """The published model's hidden states (each layer's input, then the last layer's output) and attention
+    probabilities, recorded by hooks."""
+    hidden, probs = [], []
+    hooks = [layer.register_forward_pre_hook(lambda m, args: hidden.append(args[0])) for layer in theirs.encoder.layer]
+    hooks.append(theirs.encoder.layer[-1].register_forward_hook(lambda m, args, out: hidden.append(out)))
+    for module in theirs.modules():
+        if isinstance(module, PublishedSelfAttention):
+            module.output_attentions = True
+            hooks.append(module.register_forward_hook(lambda m, args, out: probs.append(out[1])))
+    try:
+        theirs(input_ids, attention_mask, token_type_ids, task_id)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return hidden, probs
+
+
+@pytest.mark.parametrize("cls,layers", [(CaMtlBaseEncoder, 4), (CaMtlLargeEncoder, 3)], ids=["base-4", "large-3"])
+def test_hidden_states_attentions_and_dynamic_length(cls, layers):
+    config = tiny_config(layers)
+    config.max_seq_length = 12
+    theirs = PublishedCaMtlEncoder(config, num_tasks=3, large=cls is CaMtlLargeEncoder).double().eval()
     with torch.no_grad():
-        for p in ours.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+        for p in theirs.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    ours = cls(tiny_config(layers), num_tasks=3, max_seq_length=12).double().eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
     input_ids, attention_mask, token_type_ids, task_id = batch()
-    out = ours(input_ids, attention_mask=attention_mask, task_id=task_id, output_hidden_states=True,
-               output_attentions=True)
-    assert len(out.hidden_states) == 5 and len(out.attentions) == 4
-    assert out.attentions[0].shape == (5, 4, 12, 12)
-    torch.testing.assert_close(out.hidden_states[-1], out[0])
+    want_hidden, want_probs = published_internals(theirs, input_ids, attention_mask, token_type_ids, task_id)
+    out = ours(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, task_id=task_id,
+               output_hidden_states=True, output_attentions=True)
+    assert len(out.hidden_states) == layers + 1 and len(out.attentions) == layers
+    for i, (got, want) in enumerate(zip(out.hidden_states, want_hidden, strict=True)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"hidden state {i}")
+    for i, (got, want) in enumerate(zip(out.attentions, want_probs, strict=True)):
+        assert got.shape == (5, 4, 12, 12)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"attention probabilities {i}")
     # A batch padded to 8 gives, on its tokens, what the same examples padded to 12 give.
     short = ours(input_ids[:, :8], attention_mask=attention_mask[:, :8], task_id=task_id)[0]
     mask12 = attention_mask.clone()
@@ -108,6 +135,12 @@ def test_init_and_bad_input():
         enc(ids)
     with pytest.raises(IndexError, match="task ids must be in"):
         enc(ids, task_id=torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match=r"input_ids must be \[B, L\] with B >= 1 .* got \(0, 12\)"):
+        enc(torch.randint(1, 50, (0, 12)), task_id=torch.tensor([], dtype=torch.long))
+    with pytest.raises(ValueError, match=r"input_ids must be \[B, L\] .*L >= 1 tokens.* got \(2, 0\)"):
+        enc(torch.randint(1, 50, (2, 0)), task_id=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="task_id must be an integer tensor"):
+        enc(ids, task_id=torch.tensor([True, False]))
     with pytest.raises(ValueError, match="greater than max_seq_length=12"):
         enc(torch.randint(1, 50, (2, 13)), task_id=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="even number of layers"):
@@ -161,6 +194,34 @@ def test_conversion_reproduces_pretrained_bert(cls, minilm_path):
         torch.testing.assert_close(ours[i][keep], ref[i][keep], rtol=1e-4, atol=1e-4, msg=f"hidden state {i}")
 
 
+@pytest.mark.parametrize("cls", [CaMtlBaseEncoder, CaMtlLargeEncoder])
+def test_conversion_with_conditioning_matches_published(cls, minilm_path):
+    """The converted model with every conditional generator non-zero gives the published model's outputs."""
+    ours = cls.from_pretrained(minilm_path, num_tasks=4, max_seq_length=128).double()
+    new = [name for name in ours.camtl_converted_missing_keys if "LayerNorm" not in name]
+    with torch.no_grad():  # the modules the conversion adds: random, so every conditioning path counts
+        params = dict(ours.named_parameters())
+        for name in new:
+            params[name].add_(torch.randn_like(params[name]) * 0.05)
+    assert any("random_weight_matrix" in n for n in new) and any("gb_weights" in n for n in new)
+    config = ours.config
+    theirs = PublishedCaMtlEncoder(config, num_tasks=4, large=cls is CaMtlLargeEncoder).double().eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    ids = torch.randint(1000, 20000, (3, 128))  # the published model takes max_seq_length tokens
+    mask = torch.ones(3, 128, dtype=torch.long)
+    mask[:, 40:] = 0
+    mask[1, 25:] = 0
+    token_type_ids = (torch.arange(128) >= 20).long().expand(3, 128)
+    task_id = torch.tensor([0, 3, 1])
+    with torch.no_grad():
+        seq_t, pooled_t = theirs(ids, mask, token_type_ids, task_id)
+        out = ours(ids, attention_mask=mask, token_type_ids=token_type_ids, task_id=task_id)
+        plain = ours(ids, attention_mask=mask, token_type_ids=token_type_ids, task_id=torch.tensor([1, 0, 2]))
+    torch.testing.assert_close(out[0], seq_t, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out[1], pooled_t, rtol=1e-10, atol=1e-10)
+    assert (plain[0] - out[0]).abs().max() > 1e-3  # the task conditions the output
+
+
 def test_conversion_top_layer_from_pretrained(minilm_path):
     fresh = CaMtlBaseEncoder.from_pretrained(minilm_path, num_tasks=2, max_seq_length=128)
     warm = CaMtlBaseEncoder.from_pretrained(minilm_path, num_tasks=2, max_seq_length=128,
@@ -210,16 +271,37 @@ def camtl_model():
     return model
 
 
-def test_published_full_checkpoint_loads_strict():
+def test_published_full_checkpoint_loads_strict(tmp_path):
+    """A published CaMtl state dict (bert.*, decoders.i.model.*) loads strict, directly or by from_pretrained
+    (a plain BertConfig beside it), and gives the published outputs: its encoder, then task t's head."""
     config = tiny_config(4)
     config.max_seq_length = 12
-    encoder = PublishedCaMtlEncoder(config, num_tasks=3).double()
+    encoder = PublishedCaMtlEncoder(config, num_tasks=3).double().eval()
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
     state = {f"bert.{k}": v for k, v in encoder.state_dict().items()}
     for i, c in enumerate(TASK_LABELS):
         state[f"decoders.{i}.model.weight"] = torch.randn(c, 24, dtype=torch.float64)
         state[f"decoders.{i}.model.bias"] = torch.randn(c, dtype=torch.float64)
-    model = CaMtl(tiny_config(4), task_num_labels=TASK_LABELS, max_seq_length=12).double()
-    model.load_state_dict(state, strict=True)
+    direct = CaMtl(tiny_config(4), task_num_labels=TASK_LABELS, max_seq_length=12).double().eval()
+    direct.load_state_dict(state, strict=True)
+    tiny_config(4).save_pretrained(tmp_path)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    loaded = CaMtl.from_pretrained(tmp_path, task_num_labels=TASK_LABELS, max_seq_length=12, layout="base",
+                                   dtype=torch.float64)
+    input_ids, attention_mask, token_type_ids, _ = batch()
+    task_id = torch.tensor([0, 1, 2, 0, 2])
+    with torch.no_grad():
+        _, pooled = encoder(input_ids, attention_mask, token_type_ids, task_id)
+    for model in (direct, loaded):
+        assert model.bert.layout == "base" and not model.training
+        with torch.no_grad():
+            out = model(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, task_id=task_id)
+        torch.testing.assert_close(out.pooled_output, pooled, rtol=1e-12, atol=1e-12)
+        for b, t in enumerate(task_id.tolist()):
+            want = pooled[b] @ state[f"decoders.{t}.model.weight"].T + state[f"decoders.{t}.model.bias"]
+            torch.testing.assert_close(out.logits[b, : TASK_LABELS[t]], want, rtol=1e-12, atol=1e-12)
 
 
 def test_heads_loss_and_entropy_against_a_loop():

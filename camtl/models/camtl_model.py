@@ -17,8 +17,10 @@ For a batch that mixes tasks:
 
 from __future__ import annotations
 
+import copy
+import re
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -26,11 +28,21 @@ import torch.nn.functional as F
 from transformers import BertConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from camtl.models.encoders import CaMtlBaseEncoder, CaMtlLargeEncoder
+from camtl.models.encoders import (_HUB_KEYS, CaMtlBaseEncoder, CaMtlLargeEncoder, _CaMtlEncoder, _init,
+                                   _load_state_dict_file, check_loaded_keys, check_local_path, load_checked)
 
 __all__ = ["CaMtl", "CaMtlOutput", "Decoder"]
 
 _ENCODERS = {"base": CaMtlBaseEncoder, "large": CaMtlLargeEncoder}
+
+
+# Buffers a published checkpoint may carry that are not weights.
+_IGNORED_KEYS = re.compile(r"(^|\.)(position_ids|token_type_ids)$")
+
+
+def _published_keys(checkpoint: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A published CaMtl state dict without the non-weight buffers (its keys are already ours)."""
+    return {k: v for k, v in checkpoint.items() if not _IGNORED_KEYS.search(k)}
 
 
 @dataclass
@@ -57,7 +69,13 @@ class Decoder(nn.Module):
 
 
 class CaMtl(PreTrainedModel):
-    """CA-MTL encoder (``bert``) + heads (``decoders``). Built as ``CaMtl(config, task_num_labels=[...], ...)``.
+    """CA-MTL encoder (``bert``) + heads (``decoders``).
+
+    Ways to build one:
+    - ``CaMtl(config, task_num_labels=[...], max_seq_length=..., layout="base")``: random weights;
+    - ``CaMtl.from_encoder(encoder, task_num_labels)``: around an encoder already built or loaded
+      (e.g. ``CaMtlBaseEncoder.from_pretrained(bert_path, ...)``), with new heads;
+    - ``CaMtl.from_pretrained(path, ...)``: a saved CaMtl, or a plain BERT checkpoint converted (see there).
 
     task_num_labels: one entry per task, the number of classes (1 = regression).
     layout: "base" or "large". max_seq_length: as the encoder.
@@ -67,7 +85,8 @@ class CaMtl(PreTrainedModel):
     base_model_prefix = "camtl"
 
     def __init__(self, config: BertConfig, task_num_labels: Optional[Sequence[int]] = None,
-                 max_seq_length: Optional[int] = None, layout: Optional[str] = None):
+                 max_seq_length: Optional[int] = None, layout: Optional[str] = None,
+                 _encoder: Optional[_CaMtlEncoder] = None):
         task_num_labels = list(task_num_labels if task_num_labels is not None
                                else getattr(config, "task_num_labels", None) or [])
         layout = layout or getattr(config, "camtl_layout", None) or "base"
@@ -78,14 +97,100 @@ class CaMtl(PreTrainedModel):
             raise ValueError(f"CaMtl: layout must be 'base' or 'large', got {layout!r}")
         config.task_num_labels = task_num_labels
         super().__init__(config)
-        self.bert = _ENCODERS[layout](config, num_tasks=len(task_num_labels), max_seq_length=max_seq_length)
+        if _encoder is None:
+            self.bert = _ENCODERS[layout](config, num_tasks=len(task_num_labels), max_seq_length=max_seq_length)
+        else:
+            for module in _encoder.modules():  # already initialized or loaded: post_init must leave it alone
+                module._is_hf_initialized = True
+            self.bert = _encoder
         self.decoders = nn.ModuleList([Decoder(config.hidden_size, c) for c in task_num_labels])
         self.post_init()
 
+    @classmethod
+    def from_encoder(cls, encoder: _CaMtlEncoder, task_num_labels: Sequence[int]) -> "CaMtl":
+        """A CaMtl around ``encoder`` (used as is, not copied: its weights stay) with new heads.
+
+        The heads get the encoder's device and dtype. The model's config is a copy of the encoder's
+        plus ``task_num_labels`` (the encoder's own config is left as it is).
+        """
+        if not isinstance(encoder, _CaMtlEncoder):
+            raise TypeError(f"CaMtl.from_encoder: encoder must be a CaMtlBaseEncoder or CaMtlLargeEncoder, "
+                            f"got {type(encoder).__name__}")
+        task_num_labels = list(task_num_labels)
+        if len(task_num_labels) != encoder.config.num_tasks:
+            raise ValueError(f"CaMtl.from_encoder: task_num_labels has {len(task_num_labels)} tasks but the "
+                             f"encoder has num_tasks={encoder.config.num_tasks}")
+        model = cls(copy.deepcopy(encoder.config), task_num_labels=task_num_labels,
+                    max_seq_length=encoder.config.max_seq_length, layout=encoder.layout, _encoder=encoder)
+        weight = encoder.task_type_embeddings.weight
+        model.decoders.to(device=weight.device, dtype=weight.dtype)
+        return model.train(encoder.training)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args,
+                        task_num_labels: Optional[Sequence[int]] = None, max_seq_length: Optional[int] = None,
+                        layout: Optional[str] = None, init_top_layer_from_pretrained: bool = False,
+                        strict: bool = True, **kwargs) -> "CaMtl":
+        """Loads a CaMtl saved by ``save_pretrained``; or builds one from another checkpoint:
+
+        - a plain BERT checkpoint: converted as ``CaMtlBaseEncoder/CaMtlLargeEncoder.from_pretrained``
+          converts it (the CA-MTL modules and the heads start initialized); needs task_num_labels and
+          max_seq_length, layout defaults to "base";
+        - a CA-MTL encoder saved by ``save_pretrained``: loaded, with new heads (task_num_labels);
+        - a published CA-MTL checkpoint (``bert.*`` and ``decoders.i.model.*`` keys, a plain BertConfig):
+          loaded as is; needs task_num_labels, max_seq_length and layout.
+
+        strict (default True): weights the model needs that the checkpoint lacks, or weights the model
+        has no place for, raise a ``CheckpointKeysError`` naming them; ``strict=False`` warns instead.
+        """
+        path = check_local_path(pretrained_model_name_or_path)
+        name = f"CaMtl.from_pretrained({path!s})"
+        config = kwargs.pop("config", None)
+        hub_kwargs = {k: kwargs[k] for k in _HUB_KEYS if k in kwargs}
+        config = BertConfig.from_pretrained(path, **hub_kwargs) if config is None else copy.deepcopy(config)
+        saved_layout = getattr(config, "camtl_layout", None)
+        if saved_layout and getattr(config, "task_num_labels", None):  # a saved CaMtl
+            for arg, value, saved in (("task_num_labels", task_num_labels, config.task_num_labels),
+                                      ("max_seq_length", max_seq_length, config.max_seq_length),
+                                      ("layout", layout, saved_layout)):
+                if value is not None and (list(value) if arg == "task_num_labels" else value) != saved:
+                    raise ValueError(f"{name}: the checkpoint was saved with {arg}={saved!r}, not {value!r}")
+            want_info = kwargs.pop("output_loading_info", False)
+            model, info = super().from_pretrained(path, *model_args, config=config, output_loading_info=True,
+                                                  **kwargs)
+            check_loaded_keys(name, info["missing_keys"], info["unexpected_keys"], strict,
+                              mismatched=[k for k, *_ in info.get("mismatched_keys", [])])
+            return (model, info) if want_info else model
+        if task_num_labels is None:
+            raise ValueError(f"{name}: the checkpoint holds no CaMtl heads; give task_num_labels "
+                             f"(one entry per task, its number of labels)")
+        layout = layout or saved_layout or "base"
+        if layout not in _ENCODERS:
+            raise ValueError(f"CaMtl: layout must be 'base' or 'large', got {layout!r}")
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        if saved_layout:  # a saved encoder
+            encoder = _ENCODERS[layout].from_pretrained(path, *model_args, config=config,
+                                                        num_tasks=len(list(task_num_labels)),
+                                                        max_seq_length=max_seq_length, strict=strict, **kwargs)
+            return cls.from_encoder(encoder, task_num_labels)
+        if max_seq_length is None:
+            raise ValueError(f"{name}: building a CaMtl from the plain checkpoint {path} needs max_seq_length")
+        checkpoint = _load_state_dict_file(path, **hub_kwargs)
+        if any(k.startswith("decoders.") for k in checkpoint):  # a published CA-MTL checkpoint, heads included
+            model = cls(config, task_num_labels=list(task_num_labels), max_seq_length=max_seq_length, layout=layout)
+            if isinstance(dtype, torch.dtype):
+                model = model.to(dtype)
+            load_checked(model, _published_keys(checkpoint), name, strict)
+        else:
+            encoder = _ENCODERS[layout]._convert(name, config, checkpoint, len(list(task_num_labels)),
+                                                 max_seq_length, init_top_layer_from_pretrained, strict, dtype)
+            model = cls.from_encoder(encoder, task_num_labels)
+        return model.eval()
+
     def _init_weights(self, module):
         if isinstance(module, nn.Linear) and any(module is d.model for d in self.decoders):
-            module.weight.data.normal_(mean=0.0, std=self.config.initializer_range)
-            module.bias.data.zero_()
+            _init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            _init.zeros_(module.bias)
 
     @property
     def task_num_labels(self) -> List[int]:

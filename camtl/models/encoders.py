@@ -20,8 +20,11 @@ Layouts (L = config.num_hidden_layers):
 
 from __future__ import annotations
 
+import copy
+import os
 import re
-from typing import Dict, List, Optional
+import warnings
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -32,7 +35,79 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from camtl.nn import ConditionalBottleNeck, ConditionalLayerNorm, ConditionalSelfAttention, FiLM
 from camtl.ops import index_read_once
 
-__all__ = ["CaMtlBaseEncoder", "CaMtlLargeEncoder"]
+try:  # transformers >= 5: init functions that skip the tensors a checkpoint loaded
+    from transformers import initialization as _init
+except ImportError:  # transformers 4 initializes before loading
+    from torch.nn import init as _init
+
+__all__ = ["CaMtlBaseEncoder", "CaMtlLargeEncoder", "CheckpointKeysError", "bert_to_camtl_state_dict"]
+
+_HUB_KEYS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+# A hub repo id: "name" or "namespace/name".
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+class CheckpointKeysError(ValueError):
+    """A checkpoint lacks weights the model needs, or holds weights the model has no place for."""
+
+
+def check_local_path(name_or_path):
+    """``name_or_path``, ~ expanded; FileNotFoundError when it names a local path that does not exist.
+
+    Local: a ``os.PathLike``, or a string that starts with ".", "/" or "~", or that
+    has a path separator and is no hub repo id ("namespace/name"), or whose first
+    folder exists here. Anything else is left to the hub.
+    """
+    path = os.path.expanduser(os.fspath(name_or_path))
+    if os.path.exists(path):
+        return path
+    text = os.fspath(name_or_path)
+    seps = [sep for sep in (os.sep, os.altsep) if sep]
+    first = re.split("|".join(map(re.escape, seps)), text)[0]
+    local = (isinstance(name_or_path, os.PathLike) or text.startswith((".", "/", "~"))
+             or (any(sep in text for sep in seps) and (not _REPO_ID.fullmatch(text) or os.path.isdir(first))))
+    if local:
+        raise FileNotFoundError(f"no such checkpoint folder: {path!r} (a local path that does not exist)")
+    return name_or_path
+
+
+def _first(keys: Sequence[str], count: int = 5) -> str:
+    keys = list(keys)
+    return ", ".join(keys[:count]) + (f", ... ({len(keys)} in all)" if len(keys) > count else f" ({len(keys)})")
+
+
+def check_loaded_keys(name: str, missing: Sequence[str], unexpected: Sequence[str], strict: bool,
+                      mismatched: Sequence[str] = ()) -> None:
+    """Raises CheckpointKeysError naming the missing / unexpected / mismatched keys; a warning when not strict."""
+    problems = []
+    if missing:
+        problems.append(f"missing from the checkpoint (they would start untrained): {_first(sorted(missing))}")
+    if unexpected:
+        problems.append(f"in the checkpoint but not in the model: {_first(sorted(unexpected))}")
+    if mismatched:
+        problems.append(f"of another shape in the checkpoint: {_first(sorted(mismatched))}")
+    if not problems:
+        return
+    text = f"{name}: the checkpoint does not fit the model's weights: " + "; ".join(problems)
+    if strict:
+        raise CheckpointKeysError(text + ". Check the checkpoint and the config (e.g. num_hidden_layers); "
+                                  "strict=False loads anyway and initializes the missing weights.")
+    warnings.warn(text + " (strict=False: loaded anyway, the missing weights initialized)", stacklevel=3)
+
+
+def load_checked(model: nn.Module, state: Dict[str, torch.Tensor], name: str, strict: bool,
+                 new_keys: Optional["re.Pattern"] = None, unplaced: Sequence[str] = ()) -> List[str]:
+    """model.load_state_dict(state) that raises on other shapes, and on missing keys (but ``new_keys``) or
+    unexpected ones (and ``unplaced``) through check_loaded_keys. Returns the missing keys."""
+    model_state = model.state_dict()
+    shapes = {k: (tuple(v.shape), tuple(model_state[k].shape)) for k, v in state.items()
+              if k in model_state and tuple(v.shape) != tuple(model_state[k].shape)}
+    if shapes:
+        raise ValueError(f"{name}: the checkpoint's shapes do not fit the model (checkpoint, model): {shapes}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    check_loaded_keys(name, [k for k in missing if new_keys is None or not new_keys.search(k)],
+                      list(unplaced) + list(unexpected), strict)
+    return list(missing)
 
 
 class _Embeddings(nn.Module):
@@ -225,24 +300,29 @@ class _CaMtlEncoder(PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module):
-        """BERT's init. Not touched: FiLM biases (zero), the CBDA matrices (zero), the CLN weights (ones)."""
+        """BERT's init, and the published init of the conditional pieces: CBDA matrices and FiLM biases zero,
+        CLN weights one. Through ``transformers.initialization`` (v5), which skips the tensors a checkpoint
+        loaded, so only missing ones are initialized."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
-            module.weight.data.normal_(mean=0.0, std=std)
+            _init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
-                module.bias.data.zero_()
+                _init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            module.weight.data.normal_(mean=0.0, std=std)
-            if module.padding_idx is not None:
-                module.weight.data[module.padding_idx].zero_()
-        elif isinstance(module, nn.LayerNorm):
-            module.weight.data.fill_(1.0)
-            module.bias.data.zero_()
+            _init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, (nn.LayerNorm, ConditionalLayerNorm)):
+            _init.ones_(module.weight)
+            _init.zeros_(module.bias)
+        elif isinstance(module, ConditionalSelfAttention):
+            _init.zeros_(module.random_weight_matrix)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, num_tasks: Optional[int] = None,
                         max_seq_length: Optional[int] = None, init_top_layer_from_pretrained: bool = False,
-                        **kwargs):
+                        strict: bool = True, **kwargs):
         """Loads a CA-MTL checkpoint (saved by ``save_pretrained``), or converts a plain BERT one.
 
         A plain BERT checkpoint (BertModel keys) needs num_tasks and
@@ -250,38 +330,68 @@ class _CaMtlEncoder(PreTrainedModel):
         conditional modules start as published (FiLM biases and CBDA matrices
         zero, CLN weights from the pretrained LayerNorms). The base layout's new
         top layer starts fresh, or from the pretrained top layer with
-        ``init_top_layer_from_pretrained=True``.
+        ``init_top_layer_from_pretrained=True``. A published CA-MTL encoder's
+        weights (CA-MTL keys, maybe under ``bert.``, beside a plain BertConfig)
+        load as they are.
+
+        strict (default True): a weight the model needs that the checkpoint
+        lacks (e.g. a config with more layers than the weights), or a weight the
+        model has no place for, raises a ``CheckpointKeysError`` naming them.
+        The CA-MTL modules a conversion adds are new, not missing. With
+        ``strict=False`` these are warnings, and missing weights get the
+        model's initialization.
         """
+        pretrained_model_name_or_path = check_local_path(pretrained_model_name_or_path)
         config = kwargs.pop("config", None)
-        hub_keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
-        hub_kwargs = {k: kwargs[k] for k in hub_keys if k in kwargs}
+        hub_kwargs = {k: kwargs[k] for k in _HUB_KEYS if k in kwargs}
         if config is None:
             config = BertConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        else:
+            config = copy.deepcopy(config)  # the model writes num_tasks, max_seq_length, layout into its config
+        name = f"{cls.__name__}.from_pretrained({pretrained_model_name_or_path!s})"
         layout = getattr(config, "camtl_layout", None)
         if layout:
             if layout != cls.layout:
                 raise ValueError(f"{pretrained_model_name_or_path} holds a CA-MTL {layout} encoder, "
                                  f"not a {cls.layout} one: load it with the matching class")
-            for name, value in (("num_tasks", num_tasks), ("max_seq_length", max_seq_length)):
-                if value is not None and value != getattr(config, name):
-                    raise ValueError(f"{pretrained_model_name_or_path} was saved with {name}="
-                                     f"{getattr(config, name)}, not {value}")
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+            for arg, value in (("num_tasks", num_tasks), ("max_seq_length", max_seq_length)):
+                if value is not None and value != getattr(config, arg):
+                    raise ValueError(f"{pretrained_model_name_or_path} was saved with {arg}="
+                                     f"{getattr(config, arg)}, not {value}")
+            want_info = kwargs.pop("output_loading_info", False)
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config,
+                                                  output_loading_info=True, **kwargs)
+            check_loaded_keys(name, info["missing_keys"], info["unexpected_keys"], strict,
+                              mismatched=[k for k, *_ in info.get("mismatched_keys", [])])
+            return (model, info) if want_info else model
         if num_tasks is None or max_seq_length is None:
             raise ValueError(f"converting the plain BERT checkpoint {pretrained_model_name_or_path} needs "
                              f"num_tasks and max_seq_length")
-        model = cls(config, num_tasks=num_tasks, max_seq_length=max_seq_length)
-        state = bert_to_camtl_state_dict(_load_state_dict_file(pretrained_model_name_or_path, **hub_kwargs),
-                                         cls.layout, config.num_hidden_layers, init_top_layer_from_pretrained)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected:
-            raise KeyError(f"{pretrained_model_name_or_path}: weights the model does not have: {unexpected[:8]}")
-        shapes = {k: (tuple(v.shape), tuple(model.state_dict()[k].shape)) for k, v in state.items()
-                  if tuple(v.shape) != tuple(model.state_dict()[k].shape)}
-        if shapes:
-            raise ValueError(f"{pretrained_model_name_or_path}: shape mismatches {shapes}")
-        model.camtl_converted_missing_keys = sorted(missing)  # what starts fresh, for the curious
+        model = cls._convert(name, config, _load_state_dict_file(pretrained_model_name_or_path, **hub_kwargs),
+                             num_tasks, max_seq_length, init_top_layer_from_pretrained, strict,
+                             kwargs.get("dtype", kwargs.get("torch_dtype")))
         return model.eval()
+
+    @classmethod
+    def _convert(cls, name: str, config, checkpoint: Dict[str, torch.Tensor], num_tasks: int, max_seq_length: int,
+                 init_top_layer_from_pretrained: bool, strict: bool, dtype=None) -> "_CaMtlEncoder":
+        """A new encoder holding ``checkpoint``: BertModel weights (converted), or a published CA-MTL encoder's.
+
+        dtype: a torch.dtype the model is built in before loading (else float32)."""
+        model = cls(config, num_tasks=num_tasks, max_seq_length=max_seq_length)
+        if isinstance(dtype, torch.dtype):
+            model = model.to(dtype)
+        stripped = {_strip_prefix(k): v for k, v in checkpoint.items()}
+        if "task_type_embeddings.weight" in stripped:  # already CA-MTL (a published encoder): nothing is new
+            state = {k: v for k, v in stripped.items() if not _IGNORED_BERT_KEYS.search(k)}
+            unplaced, new = [], None
+        else:
+            state, unplaced = bert_to_camtl_state_dict(checkpoint, cls.layout, config.num_hidden_layers,
+                                                       init_top_layer_from_pretrained, return_unplaced=True)
+            new = _converted_new_keys(cls.layout, config.num_hidden_layers, init_top_layer_from_pretrained)
+        missing = load_checked(model, state, name, strict, new_keys=new, unplaced=unplaced)
+        model.camtl_converted_missing_keys = sorted(missing)  # what starts fresh, for the curious
+        return model
 
     def get_input_embeddings(self):
         return self.embeddings.word_embeddings
@@ -296,7 +406,8 @@ class _CaMtlEncoder(PreTrainedModel):
         task_id = torch.as_tensor(task_id, device=device)
         if task_id.dim() == 0:
             task_id = task_id.expand(batch)
-        if task_id.dim() != 1 or task_id.shape[0] != batch or task_id.is_floating_point():
+        if task_id.dim() != 1 or task_id.shape[0] != batch or task_id.is_floating_point() \
+                or task_id.dtype == torch.bool:
             raise ValueError(f"{name}: task_id must be an integer tensor of shape [B={batch}], "
                              f"got {tuple(task_id.shape)} {task_id.dtype}")
         return task_id.long()
@@ -315,6 +426,9 @@ class _CaMtlEncoder(PreTrainedModel):
         if len(shape) != 2:
             raise ValueError(f"{name}: input_ids must be [B, L], got {shape}")
         B, L = shape
+        if B == 0 or L == 0:
+            raise ValueError(f"{name}: input_ids must be [B, L] with B >= 1 examples and L >= 1 tokens "
+                             f"(L <= max_seq_length={self.config.max_seq_length}), got {shape}")
         if L > self.config.max_seq_length:
             raise ValueError(f"{name}: the batch length {L} is greater than max_seq_length="
                              f"{self.config.max_seq_length}; truncate the inputs")
@@ -360,22 +474,38 @@ _IGNORED_BERT_KEYS = re.compile(r"(^|\.)(position_ids|token_type_ids)$")
 _BERT_PREFIXES = ("bert.", "model.")
 
 
+def _strip_prefix(key: str) -> str:
+    for prefix in _BERT_PREFIXES:
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def _converted_new_keys(layout: str, num_layers: int, init_top_layer_from_pretrained: bool) -> "re.Pattern":
+    """The keys a conversion from BERT adds (the CA-MTL modules): they start initialized, not loaded."""
+    top = rf"encoder\.layer\.{num_layers - 1}\." + (r"adapter\." if init_top_layer_from_pretrained else "")
+    patterns = [r"^(task_type_embeddings|conditional_alignment)\.", r"^encoder\.(task_transformation|adapter_layer)\.",
+                r"\.(cond_block_diag_attn|ln_weight_modulation)\.", r"\.random_weight_matrix$"]
+    if layout == "base":
+        patterns.append("^" + top)
+    return re.compile("|".join(patterns))
+
+
 def bert_to_camtl_state_dict(bert_state: Dict[str, torch.Tensor], layout: str, num_layers: int,
-                             init_top_layer_from_pretrained: bool = False) -> Dict[str, torch.Tensor]:
+                             init_top_layer_from_pretrained: bool = False, return_unplaced: bool = False):
     """Maps a BertModel state dict (keys embeddings.*, encoder.layer.i.*, pooler.*) onto the CA-MTL keys.
 
     Plain LayerNorm weights land on the conditional layer norms' ``weight``/``bias``
     (same key names). The base layout's top layer is new (``new_attention`` ...):
     its pretrained weights are dropped, or copied there with
-    ``init_top_layer_from_pretrained``. Raises if a pretrained weight has no place.
+    ``init_top_layer_from_pretrained``. Raises if a pretrained weight has no place,
+    unless ``return_unplaced``: then returns (state dict, the unplaced keys).
     """
     out, unplaced = {}, []
     top = f"encoder.layer.{num_layers - 1}."
     renames = {"attention.": "new_attention.", "intermediate.": "new_intermediate.", "output.": "new_output."}
     for key, value in bert_state.items():
-        for prefix in _BERT_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
+        key = _strip_prefix(key)
         if _IGNORED_BERT_KEYS.search(key) or key.startswith(("cls.", "lm_head.")):
             continue
         if not key.startswith(("embeddings.", "encoder.layer.", "pooler.")):
@@ -391,6 +521,8 @@ def bert_to_camtl_state_dict(bert_state: Dict[str, torch.Tensor], layout: str, n
                 continue
             key = top + renames[head] + rest[len(head):]
         out[key] = value
+    if return_unplaced:
+        return out, unplaced
     if unplaced:
         raise KeyError(f"these pretrained weights have no place in a CA-MTL {layout} encoder: {unplaced[:8]}"
                        + (" ..." if len(unplaced) > 8 else ""))
