@@ -21,12 +21,32 @@ TOL = {
 }
 
 
-def assert_close(actual, expected, dtype=None, msg=""):
-    """Close within the dtype's tolerance; atol scales with the reference's magnitude (sums of many terms)."""
+def assert_close(actual, expected, dtype=None, msg="", magnitude=None):
+    """|actual - expected| <= atol·max(1, magnitude) + rtol·|expected| per element, with the dtype's (rtol, atol).
+
+    ``magnitude`` (broadcastable to expected) is each element's Σ|terms| when the caller knows it: a sum computed
+    in low precision is off by ~eps·Σ|terms|, however small the result. By default it is |expected| plus the
+    tensor's RMS (a typical entry's size, for results that cancel), not its largest entry: in bf16, 2e-2 times
+    the largest entry would leave the small entries of a gradient unchecked.
+    """
     rtol, atol = TOL[dtype or actual.dtype]
-    expected = expected.double()
-    atol = atol * max(1.0, expected.abs().max().item()) if expected.numel() else atol
-    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol, msg=lambda m: f"{msg}\n{m}")
+    actual, expected = actual.double(), expected.double()
+    assert actual.shape == expected.shape, f"{msg}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if magnitude is None:
+        finite = expected[expected.isfinite()]
+        rms = finite.square().mean().sqrt() if finite.numel() else 0.0
+        scale = expected.abs() + rms
+    else:
+        scale = torch.as_tensor(magnitude, dtype=torch.float64, device=expected.device).expand_as(expected)
+    allowed = atol * scale.clamp(min=1.0) + rtol * expected.abs()
+    error = (actual - expected).abs()
+    bad = ~((error <= allowed) | (actual == expected))  # equal infinities pass; any NaN fails
+    if bad.any():
+        worst = (error / allowed).nan_to_num(float("inf")).argmax()
+        i = tuple(int(n) for n in torch.unravel_index(worst, expected.shape)) if expected.dim() else ()
+        raise AssertionError(f"{msg}\n{int(bad.sum())} / {expected.numel()} elements not close; worst at {i}: "
+                             f"actual {actual[i].item():.8g}, expected {expected[i].item():.8g}, "
+                             f"error {error[i].item():.3g} > allowed {allowed[i].item():.3g}")
 
 
 @pytest.fixture
@@ -63,11 +83,14 @@ def run_with_grads(backend, fn, tensors, grad):
     return out, [leaf.grad for leaf in leaves]
 
 
-def triton_vs_torch(fn, tensors, dtype, names):
+def triton_vs_torch(fn, tensors, dtype, names, multilinear=False):
     """The triton backend on ``tensors`` cast to dtype, against the torch backend in fp32 on the same rounded values.
 
     Compares the output and the gradient of every tensor (named by ``names``);
-    returns the triton output and gradients.
+    returns the triton output and gradients. ``multilinear``: fn is a sum of
+    products of its inputs (FiLM, a FiLM'd GEMM), so fn and its gradients on
+    |inputs| and |grad| give each element's Σ|terms|, the scale of its
+    low-precision rounding error (see assert_close).
     """
     act = [t.to(dtype) for t in tensors]
     ref = [t.float() for t in act]
@@ -76,12 +99,16 @@ def triton_vs_torch(fn, tensors, dtype, names):
     grad = torch.randn(shape, device=act[0].device).to(dtype)
     out, grads = run_with_grads("triton", fn, act, grad)
     exp, exp_grads = run_with_grads("torch", fn, ref, grad.float())
+    magnitudes = [None] * (1 + len(tensors))
+    if multilinear:
+        abs_out, abs_grads = run_with_grads("torch", fn, [t.abs() for t in ref], grad.float().abs())
+        magnitudes = [abs_out.detach()] + abs_grads
     assert out.dtype == dtype and out.shape == exp.shape
     assert torch.isfinite(out).all()
-    assert_close(out.detach(), exp.detach(), dtype, "output")
-    for name, g, e in zip(names, grads, exp_grads):
+    assert_close(out.detach(), exp.detach(), dtype, "output", magnitudes[0])
+    for name, g, e, m in zip(names, grads, exp_grads, magnitudes[1:]):
         assert g.dtype == dtype, f"grad of {name} is {g.dtype}"
-        assert_close(g, e, dtype, f"grad of {name}")
+        assert_close(g, e, dtype, f"grad of {name}", m)
     return out, grads
 
 
@@ -114,3 +141,35 @@ def graph_has(out, op):
             return True
         stack.extend(fn for fn, _ in node.next_functions)
     return False
+
+
+@contextlib.contextmanager
+def shuffled_program_order(seed):
+    """Inside the block the Triton interpreter runs each launch's programs in a random order (each exactly once).
+
+    The interpreter otherwise runs them one at a time in grid order, so a result
+    that depends on the order programs run in (atomics, two programs writing
+    one place) would still come out the same every run; a shuffled order shows it.
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1)")
+    from triton.runtime.interpreter import interpreter_builder as builder
+
+    rng = torch.Generator().manual_seed(seed)
+    real_set_dim, real_set_idx = builder.set_grid_dim, builder.set_grid_idx
+    order = {}
+
+    def set_grid_dim(nx, ny, nz):
+        real_set_dim(nx, ny, nz)
+        grid = [(x, y, z) for x in range(nx) for y in range(ny) for z in range(nz)]
+        order.clear()
+        order.update(zip(grid, (grid[i] for i in torch.randperm(len(grid), generator=rng).tolist())))
+
+    def set_grid_idx(x, y, z):
+        real_set_idx(*order[(x, y, z)])
+
+    builder.set_grid_dim, builder.set_grid_idx = set_grid_dim, set_grid_idx
+    try:
+        yield
+    finally:
+        builder.set_grid_dim, builder.set_grid_idx = real_set_dim, real_set_idx

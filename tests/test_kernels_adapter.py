@@ -34,11 +34,13 @@ def film_linear(index):
 @pytest.mark.parametrize("D", [37, 100])
 def test_matches_torch_backend(D, dtype, device):
     index = torch.tensor([2, 0, 2, 1], device=device)  # mixed tasks, out of order
-    triton_vs_torch(film_linear(index), make(4, 9, D, 3, device), dtype, NAMES)  # M = 36: a partial row tile
+    # M = 36: a partial row tile
+    triton_vs_torch(film_linear(index), make(4, 9, D, 3, device), dtype, NAMES, multilinear=True)
 
 
 def test_without_bias_and_without_index(device):
-    triton_vs_torch(film_linear(None), make(3, 5, 48, 3, device, bias=False), torch.float32, NAMES)
+    triton_vs_torch(film_linear(None), make(3, 5, 48, 3, device, bias=False), torch.float32, NAMES,
+                    multilinear=True)
 
 
 def test_strided_views(device):
@@ -46,12 +48,14 @@ def test_strided_views(device):
                         torch.randn(30, 2, device=device).T, torch.randn(30, 2, device=device).T,
                         torch.randn(30, 10, device=device).T / 30 ** 0.5, torch.randn(10, device=device))
     assert not (x.is_contiguous() or g.is_contiguous() or w.is_contiguous())
-    triton_vs_torch(film_linear(torch.tensor([1, 0], device=device)), [x, g, b, w, bias], torch.float32, NAMES)
+    triton_vs_torch(film_linear(torch.tensor([1, 0], device=device)), [x, g, b, w, bias], torch.float32, NAMES,
+                    multilinear=True)
 
 
 def test_absent_tasks_get_exactly_zero_gamma_and_beta_grads(device):
     index = torch.tensor([0, 2, 2, 0], device=device)  # tasks 1 and 3 absent
-    _, grads = triton_vs_torch(film_linear(index), make(4, 5, 30, 4, device), torch.float32, NAMES)
+    _, grads = triton_vs_torch(film_linear(index), make(4, 5, 30, 4, device), torch.float32, NAMES,
+                               multilinear=True)
     dgamma, dbeta = grads[1], grads[2]
     for t in (1, 3):
         assert (dgamma[t] == 0).all() and (dbeta[t] == 0).all()

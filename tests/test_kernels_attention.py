@@ -6,13 +6,15 @@ The torch backend itself is checked against a naive reference in test_ops_attent
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import camtl
 from camtl import ops
+from camtl.kernels.attention import _config
 from camtl.ops.attention import _attention_fwd, draw_dropout_seed, key_bias_from_mask
-from conftest import assert_close
+from conftest import assert_close, bert_config, graph_has, shuffled_program_order
 
 
 def run(backend, leaves, index, mask=None, **kw):
@@ -47,6 +49,34 @@ def compare_backends(tensors, index, dtype, mask=None, **kw):
 @pytest.mark.parametrize("d", [32, 64, 128])
 def test_head_dims(d, device):
     tensors, index = make(2, 2, 19, d, 3, 24, 7, torch.float32, device)
+    compare_backends(tensors, index, torch.float32)
+
+
+def band_edge_shape(kind, block):
+    """The smallest (L, c) where, with square tiles of ``block`` rows and keys, a key tile meets a diagonal block
+    exactly at its edge: the tile's first key is the block's last column ("hi", for the first query tile, a later
+    one, or the last query tile cut short by L) or the tile's last key is the block's first column ("lo")."""
+    for L in range(block + 1, 4 * block):
+        for c in range(2, L + 1):
+            for m0 in range(0, L, block):
+                last_row = min(m0 + block, L) - 1
+                band_lo, band_hi = (m0 // c) * c, (last_row // c) * c + c - 1
+                for n0 in range(0, L, block):
+                    hit = {"hi first": n0 == band_hi and m0 == 0,
+                           "hi later": n0 == band_hi and 0 < m0 and m0 + block <= L,
+                           "hi cropped": n0 == band_hi and m0 + block > L,
+                           "lo": n0 + block - 1 == band_lo}[kind]
+                    if hit:
+                        return L, c
+    raise AssertionError(f"no shape for {kind}")
+
+
+@pytest.mark.parametrize("kind", ["hi first", "hi later", "hi cropped", "lo"])
+def test_key_tiles_starting_or_ending_on_a_band_edge(kind, device):
+    """The tile-skipping test (does this key tile meet a diagonal block?) at its boundary, both ways."""
+    block = _config(torch.empty(1, 1, 1, 16))["BLOCK_N"]
+    L, c = band_edge_shape(kind, block)
+    tensors, index = make(2, 1, L, 16, 2, L, c, torch.float32, device)
     compare_backends(tensors, index, torch.float32)
 
 
@@ -96,54 +126,95 @@ def test_strided_views_of_one_qkv_projection(device):
         assert_close(g, e, torch.float32)
 
 
-def test_backward_is_deterministic(device):
-    tensors, index = make(4, 3, 22, 32, 2, 24, 8, torch.float32, device)
-    leaves = [t.clone().requires_grad_() for t in tensors]
+def test_backward_does_not_depend_on_program_order(device):
+    """Bitwise the same gradients whatever order the programs run in (no atomics, no two programs writing one
+    place). The interpreter runs programs one at a time in grid order, so only a shuffled order can show it."""
+    tensors, index = make(2, 3, 33, 16, 2, 33, 9, torch.float32, device)  # 3 query and key tiles
+    grad = torch.randn(2, 3, 33, 16, device=device)
 
     def grads():
+        leaves = [t.clone().requires_grad_() for t in tensors]
         out = run("triton", leaves, index)
-        return torch.autograd.grad(out, leaves, torch.ones_like(out))
+        return [out.detach()] + list(torch.autograd.grad(out, leaves, grad))
 
-    for a, b in zip(grads(), grads()):
-        assert torch.equal(a, b)
+    in_grid_order = grads()
+    with shuffled_program_order(seed=1):
+        shuffled = grads()
+    for name, got, want in zip(("output", "q", "k", "v", "table"), shuffled, in_grid_order):
+        assert torch.equal(got, want), f"{name} depends on the program order"
 
 
 # ---- dropout ------------------------------------------------------------------------------------------------
+
+def philox_keep(seed, B, H, L, p):
+    """The documented dropout mask, computed here without the kernel: keep (b, h, i, j) when
+    uniform(Philox4x32-10(counter = (i·L + j, b·H + h, 0, 0), key = seed)[0]) >= p, the way triton's
+    tl.philox and tl.uint_to_uniform_float compute it. Returns bool [B, H, L, L]."""
+    mask32 = np.uint64(0xFFFFFFFF)
+
+    def mulhilo(a, b):
+        prod = a.astype(np.uint64) * np.uint64(b)
+        return (prod >> np.uint64(32)).astype(np.uint32), (prod & mask32).astype(np.uint32)
+
+    i, j = np.meshgrid(np.arange(L), np.arange(L), indexing="ij")
+    c0 = np.broadcast_to((i * L + j).astype(np.uint32), (B * H, L, L)).copy()
+    c1 = np.broadcast_to(np.arange(B * H, dtype=np.uint32)[:, None, None], (B * H, L, L)).copy()
+    c2, c3 = np.zeros_like(c0), np.zeros_like(c0)
+    k0, k1 = np.uint32(seed & 0xFFFFFFFF), np.uint32((seed >> 32) & 0xFFFFFFFF)
+    with np.errstate(over="ignore"):
+        for _ in range(10):
+            hi_b, lo_b = mulhilo(c2, 0xCD9E8D57)
+            hi_a, lo_a = mulhilo(c0, 0xD2511F53)
+            c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+            k0, k1 = k0 + np.uint32(0x9E3779B9), k1 + np.uint32(0xBB67AE85)
+    x = c0.view(np.int32)
+    x = np.where(x < 0, ~x, x)
+    uniform = x.astype(np.float32) * np.float32(4.6566127342e-10)
+    return torch.from_numpy(uniform >= np.float32(p)).view(B, H, L, L)
+
+
+def _kernel_attention(leaves, index, p, seed):
+    """The fused op with an explicit dropout seed (autograd included)."""
+    q, k, v, table = leaves
+    return _attention_fwd(q, k, v, table, index, None, 1.0 / math.sqrt(q.shape[-1]), p,
+                          torch.tensor(seed, dtype=torch.int64))[0]
+
 
 def _dropped_probs(q, k, table, index, p, seed):
     """With v = I (padded to d), out[..., :L] is exactly the dropped, rescaled probabilities."""
     B, H, L, d = q.shape
     eye = torch.zeros(B, H, L, d, device=q.device)
     eye[..., :L] = torch.eye(L, device=q.device)
-    torch.manual_seed(seed)
-    return run("triton", [q, k, eye, table], index, dropout_p=p)[..., :L]
+    return _kernel_attention([q, k, eye, table], index, p, seed)[..., :L]
 
 
-def test_dropout_keep_rate_and_rescale(device):
-    B, H, L, d, p = 2, 4, 32, 32, 0.3
-    (q, k, _, table), index = make(B, H, L, d, 2, 32, 11, torch.float32, device)
-    dropped = _dropped_probs(q, k, table, index, p, seed=3)
-    probs = run("torch", [q, k, q, table], index, return_probs=True)[1]
+def test_dropout_mask_is_the_documented_philox_one_per_example_and_head(device):
+    B, H, L, d, p = 2, 3, 20, 32, 0.3
+    (q, k, _, table), index = make(B, H, L, d, 2, 24, 7, torch.float32, device)
+    seed = 2**32 + 12345  # both halves of the Philox key in use
+    dropped = _dropped_probs(q, k, table, index, p, seed)
     kept = dropped != 0
-    rate = kept.double().mean().item()
-    assert abs(rate - (1 - p)) < 5 * math.sqrt(p * (1 - p) / kept.numel()), f"keep rate {rate}"
+    assert torch.equal(kept.cpu(), philox_keep(seed, B, H, L, p))
+    probs = run("torch", [q, k, q, table], index, return_probs=True)[1]
     torch.testing.assert_close(dropped[kept], probs[kept] / (1 - p), rtol=1e-5, atol=1e-6)
+    # Each (example, head) draws its own mask at the rate 1 - p.
+    per_head = kept.reshape(B * H, L * L)
+    rate = per_head.double().mean(1)
+    bound = 5 * math.sqrt(p * (1 - p) / (L * L))
+    assert ((rate - (1 - p)).abs() < bound).all(), f"keep rates per (b, h): {rate.tolist()}"
+    for a in range(B * H):
+        for b in range(a):
+            assert not torch.equal(per_head[a], per_head[b]), f"(b, h) {divmod(a, H)} and {divmod(b, H)} share a mask"
+    assert not torch.equal(kept, _dropped_probs(q, k, table, index, p, seed + 1) != 0), "the mask ignores the seed"
 
 
-def test_dropout_same_seed_same_output_and_backward_uses_the_forward_mask(device):
-    B, H, L, d, p = 2, 2, 20, 32, 0.25
+def test_dropout_backward_matches_a_reference_with_the_documented_mask(device):
+    """Forward and backward against float64 autograd through the mask computed without the kernel."""
+    B, H, L, d, p, seed = 2, 2, 20, 32, 0.25, 11
     (q, k, v, table), index = make(B, H, L, d, 2, 24, 7, torch.float32, device)
-    keep = _dropped_probs(q, k, table, index, p, seed=11) != 0  # the mask depends on the seed only
-
+    keep = philox_keep(seed, B, H, L, p).to(device)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, table)]
-    torch.manual_seed(11)
-    out = run("triton", leaves, index, dropout_p=p)
-    torch.manual_seed(11)
-    assert torch.equal(out, run("triton", leaves, index, dropout_p=p))
-    torch.manual_seed(12)
-    assert not torch.equal(out, run("triton", leaves, index, dropout_p=p))
-
-    # Reference with the exposed mask, in float64.
+    out = _kernel_attention(leaves, index, p, seed)
     ref = [t.double().clone().requires_grad_() for t in (q, k, v, table)]
     _, probs = ops.conditional_attention(*ref[:3], ref[3], index, return_probs=True)
     exp = (probs * keep / (1 - p)) @ ref[2]
@@ -155,14 +226,25 @@ def test_dropout_same_seed_same_output_and_backward_uses_the_forward_mask(device
         assert_close(a.grad, r.grad, torch.float32, f"grad of {name} with dropout")
 
 
+def test_dropout_same_seed_same_output(device):
+    """The public op draws its seed from torch's generator: torch.manual_seed reproduces the output."""
+    (q, k, v, table), index = make(2, 2, 20, 32, 2, 24, 7, torch.float32, device)
+    torch.manual_seed(11)
+    out = run("triton", [q, k, v, table], index, dropout_p=0.25)
+    torch.manual_seed(11)
+    assert torch.equal(out, run("triton", [q, k, v, table], index, dropout_p=0.25))
+    torch.manual_seed(12)
+    assert not torch.equal(out, run("triton", [q, k, v, table], index, dropout_p=0.25))
+
+
 # ---- registration ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_opcheck(masked, device):
-    B, H, L, d = 2, 2, 16, 32
+    B, H, L, d = 2, 2, 20, 16  # two query and key tiles, the last one partial
     q, k, v = (torch.randn(B, H, L, d, device=device, requires_grad=True) for _ in range(3))
-    table = torch.randn(2, 20, 6, device=device, requires_grad=True)
-    keep = torch.arange(L, device=device)[None, :] < torch.tensor([16, 7], device=device)[:, None]
+    table = torch.randn(2, L + 4, 6, device=device, requires_grad=True)
+    keep = torch.arange(L, device=device)[None, :] < torch.tensor([L, 7], device=device)[:, None]
     kb = key_bias_from_mask(keep, q) if masked else None
     args = (q, k, v, table, torch.tensor([1, 0], device=device), kb, 0.2, 0.0, draw_dropout_seed(0.0))
     torch.library.opcheck(_attention_fwd, args)
@@ -170,8 +252,6 @@ def test_opcheck(masked, device):
 
 def test_torch_compile_fullgraph(device):
     cfg = dict(hidden_size=64, num_attention_heads=2, max_seq_length=32)
-    from conftest import bert_config
-
     module = camtl.nn.ConditionalSelfAttention(bert_config(**cfg)).to(device)
     with torch.no_grad():
         module.random_weight_matrix.normal_()
@@ -190,18 +270,43 @@ def test_torch_compile_fullgraph(device):
 
 
 def test_module_uses_the_kernel_and_the_reference_for_probabilities(device):
-    from conftest import bert_config
-
+    """ConditionalSelfAttention: the kernel without output_attentions, the reference with it; the same output and
+    gradients (inputs, task embedding, every parameter) as the torch backend."""
     module = camtl.nn.ConditionalSelfAttention(bert_config(hidden_size=64, num_attention_heads=2,
-                                                           max_seq_length=32, output_attentions=True)).to(device)
-    h, z = torch.randn(2, 20, 64, device=device), torch.randn(2, 64, device=device)
-    with camtl.use_backend("triton"):
-        ctx, probs = module(h, task_embedding=z)
-    module.output_attentions = False
-    with camtl.use_backend("triton"):
-        (ctx_kernel,) = module(h, task_embedding=z)
-    assert probs.shape == (2, 2, 20, 20)
-    assert_close(ctx_kernel, ctx, torch.float32)
+                                                           max_seq_length=32)).to(device)
+    with torch.no_grad():
+        for p in module.parameters():  # random_weight_matrix starts at zeros: every table row would be equal
+            p.copy_(torch.randn_like(p) * 0.3)
+    B, L = 2, 20
+    h, z = torch.randn(B, L, 64, device=device), torch.randn(B, 64, device=device)
+    keep = torch.arange(L, device=device)[None, :] < torch.tensor([L, 13], device=device)[:, None]
+    grad = torch.randn(B, L, 64, device=device)
+    results, key_out_grads, key_out = {}, {}, []
+    module.key.register_forward_hook(lambda mod, inputs, output: key_out.append(output.retain_grad() or output))
+    for backend, output_attentions in (("triton", False), ("triton", True), ("torch", False)):
+        module.zero_grad()
+        leaves = [t.clone().requires_grad_() for t in (h, z)]
+        with camtl.use_backend(backend):
+            out = module(leaves[0], keep, task_embedding=leaves[1], output_attentions=output_attentions)
+        assert len(out) == (2 if output_attentions else 1)
+        if output_attentions:
+            assert out[1].shape == (B, 2, L, L)
+        assert graph_has(out[0], "camtl::conditional_attention_fwd") == (backend == "triton" and not output_attentions)
+        out[0].backward(grad)
+        key_out_grads[backend, output_attentions] = key_out.pop().grad
+        results[backend, output_attentions] = ([out[0].detach()] + [t.grad for t in leaves]
+                                               + [p.grad.clone() for p in module.parameters()])
+    names = ["output", "hidden_states", "task_embedding"] + [n for n, _ in module.named_parameters()]
+    assert "random_weight_matrix" in names
+    for key in (("triton", False), ("triton", True)):
+        for name, a, e in zip(names, results[key], results["torch", False]):
+            if name == "key.bias":
+                # Exactly 0 in exact arithmetic (softmax ignores a shift shared by every key): a sum of
+                # B·L terms that cancel, so its error scales with Σ|terms|, not with the result.
+                terms = key_out_grads[key].abs().sum((0, 1))
+                assert (a.abs() <= 1e-5 * terms).all() and (e.abs() <= 1e-5 * terms).all(), f"{key}: {name}"
+            else:
+                assert_close(a, e, torch.float32, f"{key}: {name}")
 
 
 @pytest.mark.parametrize("B,L", [(0, 8), (2, 0)], ids=["no example", "no token"])

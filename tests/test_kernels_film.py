@@ -31,7 +31,8 @@ def film(index):
 def test_matches_torch_backend(shared, D, dtype, device):
     B, L = 4, 7
     index = torch.tensor([2, 0, 2, 1], device=device)  # mixed tasks, out of order
-    triton_vs_torch(film(index), make((L, D) if shared else (B, L, D), 3, device), dtype, NAMES)
+    triton_vs_torch(film(index), make((L, D) if shared else (B, L, D), 3, device), dtype, NAMES,
+                    multilinear=True)
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["x [B, L, D]", "x [L, D] shared"])
@@ -41,19 +42,19 @@ def test_long_examples_reduce_over_several_chunks(shared, device):
     index = torch.tensor([1, 1], device=device, dtype=torch.int32)  # int32 ids are taken too
     _, dscale, _ = film_backward(torch.randn(B, L, D, device=device), x, g, index)
     assert dscale.shape[1] > 1, "the shape should exercise the two-stage reduction"
-    triton_vs_torch(film(index), [x, g, b], torch.float32, NAMES)
+    triton_vs_torch(film(index), [x, g, b], torch.float32, NAMES, multilinear=True)
 
 
 @pytest.mark.parametrize("x_shape", [(3, 5, 12), (5, 12)], ids=["x [B, L, D]", "x [L, D] shared"])
 def test_without_index_each_example_is_its_own_task(x_shape, device):
-    triton_vs_torch(film(None), make(x_shape, 3, device), torch.float32, NAMES)
+    triton_vs_torch(film(None), make(x_shape, 3, device), torch.float32, NAMES, multilinear=True)
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["x [B, L, D]", "x [L, D] shared"])
 def test_absent_tasks_get_exactly_zero_grads(shared, device):
     index = torch.tensor([0, 2, 2, 0], device=device)  # tasks 1 and 3 absent
     _, (_, dgamma, dbeta) = triton_vs_torch(film(index), make((6, 20) if shared else (4, 6, 20), 4, device),
-                                            torch.float32, NAMES)
+                                            torch.float32, NAMES, multilinear=True)
     for t in (1, 3):
         assert (dgamma[t] == 0).all() and (dbeta[t] == 0).all()
     for t in (0, 2):
