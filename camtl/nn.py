@@ -44,12 +44,26 @@ def _check_input(module: str, name: str, t, layout: str, ranks, last: Optional[i
         raise ValueError(f"{module}: '{name}' is on {t.device} but the module's parameters are on {param.device}")
 
 
+def _check_task_id(module: str, task_id, batch: Optional[int]) -> None:
+    """task_id is an integer (not bool: True would silently be task 1) tensor of shape [batch] ([B] if None)."""
+    if not isinstance(task_id, torch.Tensor) or task_id.dtype == torch.bool or task_id.is_floating_point() \
+            or task_id.is_complex():
+        got = task_id.dtype if isinstance(task_id, torch.Tensor) else type(task_id).__name__
+        raise TypeError(f"{module}: 'task_id' must be an integer tensor (int64 or int32) of shape [B], got {got}")
+    if task_id.dim() != 1 or (batch is not None and task_id.shape[0] != batch):
+        want = "[B]" if batch is None else f"[B={batch}]"
+        raise ValueError(f"{module}: 'task_id' must be an integer tensor of shape {want}, "
+                         f"got {shape_str(task_id.shape)}")
+
+
 def first_row_of_task(task_id: torch.Tensor) -> torch.Tensor:
     """For each example, the index of the first example of the same task ([B] int64).
 
     The published ConditionalLayerNorm FiLMs the first ``condition`` row of each
     task; gathering through this index reproduces that without a loop or a sync.
     """
+    if task_id.shape[0] == 0:  # argmax cannot reduce an empty dim
+        return torch.zeros(0, dtype=torch.int64, device=task_id.device)
     same = task_id[:, None] == task_id[None, :]
     return same.to(torch.uint8).argmax(dim=1)  # argmax returns the first maximal index
 
@@ -84,6 +98,8 @@ class FiLM(nn.Module):
 
     def forward(self, x_cond, x_to_film, task_id=None):
         """task_id (an extension): x_cond is then one row per task [T, input_size] and example b uses row task_id[b]."""
+        if task_id is not None:
+            _check_task_id(type(self).__name__, task_id, None)
         gamma, beta = self.gamma_beta(x_cond)
         width = gamma.shape[-1]
         _check_input(type(self).__name__, "x_to_film", x_to_film, f"[B, L, {width}], [L, {width}] or [{width}]",
@@ -133,7 +149,8 @@ class ConditionalLayerNorm(nn.Module):
     As published, each task uses the ``condition`` row of its first example.
 
     forward(input_ [B, *, D], condition [B, condition_size], task_id [B], residual=None) -> [B, *, D].
-    Extensions: ``residual`` is added to input_ inside the op, LN(input_ + residual);
+    Extensions: ``residual`` is added to input_ inside the op, LN(input_ + residual), the sum formed in
+    float32 for half inputs (see camtl.ops.conditional_layer_norm);
     with ``condition_per_task=True``, condition is one row per task [T, condition_size].
     """
 
@@ -168,10 +185,7 @@ class ConditionalLayerNorm(nn.Module):
                      self.weight)
         if not condition_per_task and condition.shape[0] != B:
             raise ValueError(f"{name}: 'condition' has {condition.shape[0]} rows but input_ has batch {B}")
-        if not isinstance(task_id, torch.Tensor) or task_id.dim() != 1 or task_id.shape[0] != B \
-                or task_id.is_floating_point() or task_id.is_complex():
-            got = shape_str(task_id.shape) + f" {task_id.dtype}" if isinstance(task_id, torch.Tensor) else task_id
-            raise ValueError(f"{name}: 'task_id' must be an integer tensor of shape [B={B}], got {got}")
+        _check_task_id(name, task_id, B)
         gamma, beta = self.ln_weight_modulation.gamma_beta(condition)
         index = task_id if condition_per_task else first_row_of_task(task_id.to(condition.device))
         return ops.conditional_layer_norm(input_, self.weight, self.bias, gamma, beta, index, self.eps, residual)
@@ -200,6 +214,8 @@ class ConditionalBottleNeck(nn.Module):
         weight = self.emb_transf.weight
         _check_input(name, "x_cond", x_cond, f"[B, {d}]", (2,), d, weight)
         _check_input(name, "hidden_states", hidden_states, f"[B, L, {d}]", (3,), d, weight)
+        if task_id is not None:
+            _check_task_id(name, task_id, hidden_states.shape[0])
         if task_id is None and hidden_states.shape[0] != x_cond.shape[0]:
             raise ValueError(f"{name}: 'hidden_states' has batch {hidden_states.shape[0]} but 'x_cond' has "
                              f"{x_cond.shape[0]} rows")
@@ -221,10 +237,20 @@ class ConditionalSelfAttention(nn.Module):
     forward(hidden_states [B, L, D], attention_mask=None, head_mask=None,
     encoder_hidden_states=None, encoder_attention_mask=None, task_embedding [B, D])
     returns (context [B, L, D],) or (context, probs [B, H, L, L]) when
-    config.output_attentions. ``attention_mask`` is the published additive
-    mask [B, 1, 1, L] ((1 - mask) * -10000), a [B, 1, L, L] additive mask, or
-    a [B, L] key padding mask (bool or float 0/1). L may be any batch length
-    <= max_seq_length: the bias is cropped (dynamic padding). With
+    config.output_attentions.
+
+    ``attention_mask`` follows the mask rule of camtl.ops.conditional_attention:
+    its dtype says what the values mean. A bool or integer mask is a keep-mask
+    (True / 1 = attend, False / 0 = masked); a float mask is additive (added to
+    the scores). Layouts: [B, L] keep-mask (e.g. a tokenizer's int64
+    attention_mask); the published extended mask [B, 1, 1, L], float
+    (1 - mask) * -10000 (or a bool / integer keep-mask in that layout); a float
+    additive [B, 1, L, L] or [B, H, L, L]. A 2-D *float* mask is refused with a
+    ValueError: a 0/1 keep-mask and a 0/-10000 additive mask cannot be told
+    apart. A query whose keys are all masked by a keep-mask (or -inf) gets a
+    zero context; with -10000 it attends uniformly, as published.
+
+    L may be any batch length <= max_seq_length: the bias is cropped (dynamic padding). With
     output_attentions or a head_mask, the attention runs on the torch
     reference (the fused kernels never form the probabilities).
     """
@@ -268,18 +294,24 @@ class ConditionalSelfAttention(nn.Module):
         return x.view(*new_x_shape).permute(0, 2, 1, 3)
 
     def _key_mask(self, attention_mask, batch):
-        """The mask in a form the op takes: [B, L] key padding (bool or additive), else 4-D additive."""
+        """The mask in a form the op takes: [B, L] key padding (a keep-mask or additive), else 4-D additive."""
         if attention_mask is None:
             return None
+        name = type(self).__name__
         if not isinstance(attention_mask, torch.Tensor):
-            raise TypeError(f"{type(self).__name__}: 'attention_mask' must be a tensor, "
-                            f"got {type(attention_mask).__name__}")
+            raise TypeError(f"{name}: 'attention_mask' must be a tensor, got {type(attention_mask).__name__}")
         if attention_mask.dim() == 4 and attention_mask.shape[1] == 1 and attention_mask.shape[2] == 1:
-            # additive [B, L]; a batch of 1 broadcasts
+            # [B, 1, 1, L] -> [B, L], keeping its dtype's meaning; a batch of 1 broadcasts
             mask = attention_mask.reshape(attention_mask.shape[0], -1)
             return mask.expand(batch, -1) if mask.shape[0] == 1 else mask
-        if attention_mask.dim() == 2 and attention_mask.dtype != torch.bool:
-            return attention_mask != 0  # a tokenizer's 1/0 mask
+        if attention_mask.dim() == 2 and attention_mask.is_floating_point():
+            # A float 0/1 keep-mask and a float 0/-10000 additive mask look alike: refuse to guess.
+            raise ValueError(
+                f"{name}: a 2-D float 'attention_mask' {shape_str(attention_mask.shape)} is ambiguous (a 0/1 "
+                f"keep-mask or an additive 0/-10000 mask?); pass a bool or integer keep-mask [B, L] "
+                f"(True / 1 = attend, e.g. the tokenizer's attention_mask) or the additive extended mask "
+                f"[B, 1, 1, L], (1 - mask) * -10000 (the published form)"
+            )
         return attention_mask
 
     def forward(self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None,
@@ -298,6 +330,8 @@ class ConditionalSelfAttention(nn.Module):
         if task_embedding is None:
             raise ValueError(f"{name}: 'task_embedding' [B, {hidden}] is required (CA-MTL attention is conditional)")
         _check_input(name, "task_embedding", task_embedding, f"[B={B}, {hidden}]", (2,), hidden, weight)
+        if task_id is not None:
+            _check_task_id(name, task_id, B)
         if task_id is None and task_embedding.shape[0] != B:
             raise ValueError(f"{name}: 'task_embedding' has {task_embedding.shape[0]} rows but hidden_states has "
                              f"batch {B}")

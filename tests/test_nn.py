@@ -4,12 +4,15 @@ The published re-implementation keeps the published loops and per-example
 block_diag; camtl.nn must give the same outputs and gradients (1e-12 in fp64).
 """
 
+import copy
+
 import pytest
 import torch
 
+import camtl
 import camtl.nn as cnn
 from camtl.testing import published as pub
-from conftest import bert_config
+from conftest import assert_close, bert_config, graph_has
 
 
 def randomize_(module):
@@ -87,10 +90,35 @@ def test_conditional_layer_norm_mixed_tasks():
     assert_same(theirs, ours, [f64(6, 5, 10) * 2, f64(6, 6), task_id])
 
 
+def naive_conditional_layer_norm(module, x, residual, condition, task_id):
+    """Written out from the published rule, example by example: FiLM of the first condition row of the task."""
+    film = module.ln_weight_modulation.gb_weights
+    out = []
+    for b in range(x.shape[0]):
+        first = min(i for i in range(x.shape[0]) if task_id[i] == task_id[b])
+        gamma, beta = (condition[first] @ film.weight.T + film.bias).chunk(2)
+        h = x[b] + residual[b]
+        mean = h.mean(-1, keepdim=True)
+        var = ((h - mean) ** 2).mean(-1, keepdim=True)
+        out.append((h - mean) / torch.sqrt(var + module.eps) * ((1 + gamma) * module.weight + beta) + module.bias)
+    return torch.stack(out)
+
+
 def test_conditional_layer_norm_fused_residual():
     _, ours = twin(pub.PublishedConditionalLayerNorm, cnn.ConditionalLayerNorm, 8, 4)
+    expected_module = copy.deepcopy(ours)
     x, r, cond, tid = f64(3, 2, 8), f64(3, 2, 8), f64(3, 4), torch.tensor([1, 0, 1])
-    torch.testing.assert_close(ours(x, cond, tid, residual=r), ours(x + r, cond, tid), rtol=1e-14, atol=1e-14)
+    ins, exp_ins = ([t.clone().requires_grad_() for t in (x, r, cond)] for _ in range(2))
+    out = ours(ins[0], ins[2], tid, residual=ins[1])
+    exp = naive_conditional_layer_norm(expected_module, exp_ins[0], exp_ins[1], exp_ins[2], tid)
+    torch.testing.assert_close(out, exp, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(exp)
+    out.backward(grad)
+    exp.backward(grad)
+    for name, a, e in zip(("x", "residual", "condition"), ins, exp_ins):
+        torch.testing.assert_close(a.grad, e.grad, rtol=1e-12, atol=1e-12, msg=f"grad of {name}")
+    for (name, p), e in zip(ours.named_parameters(), expected_module.parameters()):
+        torch.testing.assert_close(p.grad, e.grad, rtol=1e-12, atol=1e-12, msg=f"grad of {name}")
 
 
 def test_first_row_of_task():
@@ -218,7 +246,7 @@ def test_layer_norm_and_film_bad_input():
     _raises(ValueError, ["'condition'", "last dim 4"], lambda: cln(x, torch.randn(3, 5), t))
     _raises(ValueError, ["'condition'", "2 rows", "batch 3"], lambda: cln(x, torch.randn(2, 4), t))
     _raises(ValueError, ["'task_id'", "[B=3]"], lambda: cln(x, c, torch.tensor([0, 1])))
-    _raises(ValueError, ["'task_id'", "integer"], lambda: cln(x, c, torch.tensor([0.0, 1.0, 0.0])))
+    _raises(TypeError, ["'task_id'", "integer"], lambda: cln(x, c, torch.tensor([0.0, 1.0, 0.0])))
     _raises(TypeError, ["'input_'", "bfloat16"], lambda: cln(x.bfloat16(), c, t))
     film = cnn.FiLM(4, 6)
     _raises(ValueError, ["'x_cond'", "[B, 4]"], lambda: film(torch.randn(3), torch.randn(3, 2, 6)))
@@ -261,3 +289,132 @@ def test_per_task_conditions_equal_per_example_rows():
         torch.testing.assert_close(got, exp, rtol=1e-12, atol=1e-12)
     with pytest.raises(IndexError, match="task ids must be in"):
         film(z, h, task_id=torch.tensor([0, 1, 3, 0, 0]))
+
+
+# ---- issue 13: one mask rule with camtl.ops, bool task ids refused ------------------------------------------------
+
+def test_self_attention_mask_rule_keep_masks_and_additive_agree():
+    """bool / integer masks keep (True / 1 = attend), float masks add; every accepted layout gives the same."""
+    _, ours = attention_twin()
+    B, L = 3, 12
+    h, z = f64(B, L, 24), f64(B, 24)
+    keep = torch.rand(B, L) > 0.3
+    keep[:, 0] = True
+    keep[2, 4:] = False
+    expected = ours(h, extended_mask(keep), task_embedding=z)[0]  # the published additive [B, 1, 1, L]
+    for name, mask in [("bool [B, L]", keep), ("int64 [B, L]", keep.long()), ("int32 [B, L]", keep.int()),
+                       ("bool [B, 1, 1, L]", keep[:, None, None, :]),
+                       ("int64 [B, 1, 1, L]", keep.long()[:, None, None, :]),
+                       ("additive [B, 1, L, L]", extended_mask(keep).expand(B, 1, L, L))]:
+        torch.testing.assert_close(ours(h, mask, task_embedding=z)[0], expected, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("mask", [lambda keep: keep.double(), lambda keep: (1.0 - keep.double()) * -10000.0],
+                         ids=["float 0/1", "float 0/-10000"])
+def test_self_attention_refuses_2d_float_masks(mask):
+    """A 2-D float mask is either a 0/1 keep-mask or an additive mask: guessing silently inverts one of them."""
+    _, ours = attention_twin()
+    keep = torch.ones(2, 12, dtype=torch.bool)
+    keep[1, 6:] = False
+    _raises(ValueError, ["2-D float 'attention_mask'", "ambiguous", "bool or integer keep-mask [B, L]",
+                         "[B, 1, 1, L]"], lambda: ours(f64(2, 12, 24), mask(keep), task_embedding=f64(2, 24)))
+
+
+def test_bool_task_ids_are_refused():
+    """True / False would silently be tasks 1 / 0."""
+    tid = torch.tensor([True, False])
+    cln, film = cnn.ConditionalLayerNorm(24, 24), cnn.FiLM(24, 24)
+    bott, attn = cnn.ConditionalBottleNeck(bert_config()), cnn.ConditionalSelfAttention(bert_config())
+    h, z = torch.randn(2, 12, 24), torch.randn(2, 24)
+    for name, call in [("ConditionalLayerNorm", lambda: cln(h, z, tid)),
+                       ("ConditionalLayerNorm", lambda: cln(h, z, tid, condition_per_task=True)),
+                       ("FiLM", lambda: film(z, h, task_id=tid)),
+                       ("ConditionalBottleNeck", lambda: bott(z, h, task_id=tid)),
+                       ("ConditionalSelfAttention", lambda: attn(h, task_embedding=z, task_id=tid))]:
+        _raises(TypeError, [name, "'task_id'", "integer", "torch.bool"], call)
+
+
+# ---- issue 14: the modules on the triton backend (interpreter, fp32) against the torch backend ---------------------
+
+def _triton_vs_torch(module, inputs, call, kernel_ops):
+    """call(module, *inputs) on both backends in fp32: the same output and gradients (inputs and parameters)."""
+    module = randomize_(module.float())
+    results = {}
+    grad = None
+    for backend in ("torch", "triton"):
+        m = copy.deepcopy(module)
+        ins = [t.float().clone().requires_grad_() if t.is_floating_point() else t for t in inputs]
+        with camtl.use_backend(backend):
+            out = call(m, *ins)
+        for op in kernel_ops:  # the kernels really ran (their ops are in the graph) on triton only
+            assert graph_has(out, op) == (backend == "triton"), (backend, op)
+        grad = torch.randn_like(out) if grad is None else grad
+        out.backward(grad)
+        results[backend] = (out.detach(), [t.grad for t in ins if t.is_floating_point()],
+                            {n: p.grad for n, p in m.named_parameters()})
+    (out_t, ins_t, params_t), (out_k, ins_k, params_k) = results["torch"], results["triton"]
+    assert_close(out_k, out_t, torch.float32, "output")
+    for i, (a, e) in enumerate(zip(ins_k, ins_t)):
+        assert_close(a, e, torch.float32, f"grad of input {i}")
+    largest = max(g.abs().max().item() for g in params_t.values())
+    for name, e in params_t.items():
+        assert e is not None and params_k[name] is not None, name
+        if name == "key.bias":
+            # Exactly 0 in exact arithmetic (it shifts a whole row of scores): both are rounding noise.
+            for g in (params_k[name], e):
+                assert g.abs().max() <= 1e-5 * max(1.0, largest), (name, g.abs().max(), largest)
+            continue
+        assert_close(params_k[name], e, torch.float32, f"grad of {name}")
+
+
+@pytest.mark.parametrize("per_task", [False, True], ids=["per-example x_cond", "task_id"])
+def test_film_triton_matches_torch(per_task):
+    tid = torch.tensor([1, 0, 1])
+    z = torch.randn(2 if per_task else 3, 4)
+    call = (lambda m, z, x: m(z, x, task_id=tid)) if per_task else (lambda m, z, x: m(z, x))
+    _triton_vs_torch(cnn.FiLM(4, 6), [z, torch.randn(3, 5, 6)], call, ["camtl::film_fwd"])
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "fused residual"])
+def test_conditional_layer_norm_triton_matches_torch(residual):
+    tid = torch.tensor([2, 0, 2, 1])
+    inputs = [torch.randn(4, 3, 10) * 2, torch.randn(4, 6), tid] + ([torch.randn(4, 3, 10)] if residual else [])
+    call = lambda m, x, c, t, *r: m(x, c, t, residual=r[0] if r else None)
+    _triton_vs_torch(cnn.ConditionalLayerNorm(10, 6), inputs, call, ["camtl::conditional_layer_norm_fwd"])
+
+
+def test_conditional_bottleneck_triton_matches_torch():
+    _triton_vs_torch(cnn.ConditionalBottleNeck(bert_config(hidden_size=15)),
+                     [torch.randn(3, 15), torch.randn(3, 5, 15)], lambda m, z, h: m(z, h), ["camtl::film_linear_fwd"])
+
+
+@pytest.mark.parametrize("mask", ["none", "bool", "published additive"])
+def test_self_attention_triton_matches_torch(mask):
+    B, L = 3, 10
+    keep = torch.ones(B, L, dtype=torch.bool)
+    keep[1, 6:] = False
+    keep[2, 3:] = False
+    masks = {"none": None, "bool": keep, "published additive": extended_mask(keep).float()}
+    call = lambda m, h, z: m(h, masks[mask], task_embedding=z)[0]
+    _triton_vs_torch(cnn.ConditionalSelfAttention(bert_config()), [torch.randn(B, L, 24), torch.randn(B, 24)], call,
+                     ["camtl::conditional_attention_fwd", "camtl::film_fwd"])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("B,L", [(0, 5), (2, 0)], ids=["B=0", "L=0"])
+def test_modules_on_empty_batches(backend, B, L):
+    """An empty batch or length gives an empty output and zero parameter gradients, on both backends."""
+    cfg = bert_config()
+    h, z, tid = torch.randn(B, L, 24, requires_grad=True), torch.randn(B, 24), torch.zeros(B, dtype=torch.long)
+    cases = [(cnn.ConditionalLayerNorm(24, 24), lambda m: m(h, z, tid)),
+             (cnn.FiLM(24, 24), lambda m: m(z, h)),
+             (cnn.ConditionalBottleNeck(cfg), lambda m: m(z, h)),
+             (cnn.ConditionalSelfAttention(cfg),
+              lambda m: m(h, torch.ones(B, L, dtype=torch.bool), task_embedding=z)[0])]
+    for module, call in cases:
+        with camtl.use_backend(backend):
+            out = call(module)
+        assert out.shape == (B, L, 24), type(module).__name__
+        out.sum().backward()
+        for name, p in module.named_parameters():
+            assert p.grad is None or (p.grad == 0).all(), (type(module).__name__, name)

@@ -207,7 +207,8 @@ def _good(device):
     (lambda a: a.update(index=torch.tensor([0, 1, 2])), ValueError, ["'index'", "[B]=[2]"]),
     (lambda a: a.update(index=None), ValueError, ["one row per example", "G=3"]),
     (lambda a: a.update(attn_mask=torch.ones(2, 5, dtype=torch.bool)), ValueError, ["'attn_mask'", "[B, L]=[2, 6]"]),
-    (lambda a: a.update(attn_mask=torch.ones(2, 6, dtype=torch.int64)), TypeError, ["'attn_mask'", "int64"]),
+    (lambda a: a.update(attn_mask=torch.ones(2, 1, 1, 6, dtype=torch.int64)), ValueError,
+     ["'attn_mask'", "keep-mask", "torch.int64 [2, 1, 1, 6]"]),
     (lambda a: a.update(dropout_p=1.0), ValueError, ["'dropout_p'", "[0, 1)"]),
 ])
 def test_bad_input(mutate, exc, words, device):
@@ -219,3 +220,19 @@ def test_bad_input(mutate, exc, words, device):
         ops.conditional_attention(*args.values(), **kwargs)
     for w in words:
         assert w in str(info.value), f"{w!r} not in: {info.value}"
+
+
+def test_opcheck_multi_tile(device):
+    """The registered kernel op over several query and key tiles (16 under the interpreter), a partial last
+    tile, diagonal blocks that straddle tiles, and a key padding mask that ends mid-tile."""
+    from camtl.kernels.attention import _config
+    from camtl.ops.attention import _attention_fwd, draw_dropout_seed, key_bias_from_mask
+
+    B, H, L, d = 2, 1, 40, 8
+    q, k, v = (torch.randn(B, H, L, d, device=device, requires_grad=True) for _ in range(3))
+    assert L > 2 * _config(q)["BLOCK_M"], "the shape must span more than two tiles"
+    table = torch.randn(2, 44, 6, device=device, requires_grad=True)
+    keep = torch.arange(L, device=device)[None, :] < torch.tensor([40, 23], device=device)[:, None]
+    args = (q, k, v, table, torch.tensor([1, 0], device=device), key_bias_from_mask(keep, q), 0.3, 0.0,
+            draw_dropout_seed(0.0))
+    torch.library.opcheck(_attention_fwd, args)

@@ -89,3 +89,15 @@ def test_bad_input(change, exc, words):
         ops.conditional_layer_norm(**args)
     for w in words:
         assert w in str(info.value), f"{w!r} not in: {info.value}"
+
+
+def test_opcheck_multi_tile(device):
+    """The registered kernel op over many row tiles and several backward chunks per example, fused residual."""
+    from camtl.kernels.layer_norm import _config
+    from camtl.ops.layer_norm import _cln_fwd
+
+    _, act, _ = _inputs((2, 11, 20), 2, torch.float32, device, True)
+    x, weight, bias, gamma, beta, residual = act
+    assert 11 > 2 * _config(20)["BLOCK_M"], "each example's rows must span more than two tiles"
+    torch.library.opcheck(_cln_fwd, (x, weight, bias, gamma, beta, torch.tensor([1, 0], device=device), residual,
+                                     1e-5))

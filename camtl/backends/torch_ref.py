@@ -4,8 +4,13 @@ Every function here is vectorized over examples and tasks (no Python loop over
 either) and relies on PyTorch autograd for its backward. Inputs are assumed
 valid: ``camtl.ops`` checks them before they get here.
 
-Half-precision inputs are computed in float32 where it matters for accuracy
-(softmax, layer-norm statistics) and cast back, like the fused kernels will.
+Precision and overflow, the rule every backend follows: for float16 and
+bfloat16 inputs, the intermediate steps (the FiLM scale and shift, attention
+scores, bias and mask adds, softmax and P·V, the residual sum and the
+layer-norm statistics) run in float32, and only each op's outputs are
+rounded to the input dtype. So an intermediate never overflows (fp16 scores
+above 65504, an fp16 ``x + residual`` past the range are fine); an output
+that does not fit its dtype rounds to ±inf, on every backend.
 """
 
 from __future__ import annotations
@@ -32,9 +37,10 @@ def film(x, gamma, beta, index=None):
 
     x is [B, L, D], or [L, D] shared by the batch; gamma and beta are [G, D].
     """
-    g = _per_example(gamma, index).unsqueeze(1)
-    b = _per_example(beta, index).unsqueeze(1)
-    return (1 + g) * x + b
+    cdt = _compute_dtype(x.dtype)
+    g = _per_example(gamma, index).unsqueeze(1).to(cdt)
+    b = _per_example(beta, index).unsqueeze(1).to(cdt)
+    return ((1 + g) * x.to(cdt) + b).to(x.dtype)
 
 
 def block_bias(table, index=None, seq_len=None, block_rows=None, num_cols=None):
@@ -64,39 +70,38 @@ def conditional_attention(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """softmax(q kᵀ * scale + M + mask) v with M = block_bias(table, index).
 
-    attn_mask: None; a key padding mask [B, Lk], bool (True = attend) or
-    float (added to the scores); or a float mask broadcastable to
-    [B, H, Lq, Lk]. An example whose keys are all masked by a bool mask gets
-    zero probabilities (and zero output), not NaN.
+    attn_mask: None; a bool key padding mask [B, Lk] (True = attend; camtl.ops
+    turns integer keep-masks into bool); a float key mask [B, Lk] added to the
+    scores; or a float mask broadcastable to [B, H, Lq, Lk], added. A query
+    row whose keys are all masked (every score -inf) gets zero probabilities,
+    zero output and zero gradients, as in the fused kernels, not NaN.
     """
     B, H, L, d = q.shape
-    scores = torch.matmul(q, k.transpose(-1, -2))
+    cdt = _compute_dtype(q.dtype)
+    scores = torch.matmul(q.to(cdt), k.to(cdt).transpose(-1, -2))
     scores = scores / math.sqrt(d) if scale is None else scores * scale
-    scores = scores + block_bias(table, index, L).unsqueeze(1).to(scores.dtype)
-    any_key = None
+    scores = scores + block_bias(table, index, L).unsqueeze(1).to(cdt)
+    empty = None
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
-            any_key = attn_mask.any(dim=-1)
-            # Fully masked examples attend everywhere here and are zeroed below,
-            # which keeps their softmax (and its gradient) finite.
-            keep = attn_mask | ~any_key[:, None]
-            scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
-        elif attn_mask.dim() == 2:
-            scores = scores + attn_mask[:, None, None, :].to(scores.dtype)
+            additive = torch.zeros(attn_mask.shape, dtype=cdt, device=q.device).masked_fill(~attn_mask, float("-inf"))
         else:
-            scores = scores + attn_mask.to(scores.dtype)
-    if scores.dtype in _HALF:
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    else:  # no dtype argument: on the CPU, softmax with one is several times slower
-        probs = torch.softmax(scores, dim=-1)
-    if any_key is not None:
-        probs = probs * any_key[:, None, None, None].to(probs.dtype)
+            additive = attn_mask.to(cdt)
+        if additive.dim() == 2:
+            additive = additive[:, None, None, :]
+        # Rows with no key left (found on the mask, not the [B, H, L, L] scores): softmax on an unmasked row,
+        # then zeroed, keeps them and their gradients finite.
+        empty = (additive == float("-inf")).all(dim=-1, keepdim=True)
+        scores = scores + additive.masked_fill(empty, 0.0)
+    probs = torch.softmax(scores, dim=-1)
+    if empty is not None:
+        probs = probs.masked_fill(empty, 0.0)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
     if head_mask is not None:
-        probs = probs * head_mask
-    out = torch.matmul(probs, v)
-    return out, (probs if return_probs else None)
+        probs = probs * head_mask.to(cdt)
+    out = torch.matmul(probs, v.to(cdt)).to(q.dtype)
+    return out, (probs.to(q.dtype) if return_probs else None)
 
 
 def conditional_layer_norm(x, weight, bias, gamma, beta, index=None, eps=1e-5, residual=None):
@@ -105,11 +110,11 @@ def conditional_layer_norm(x, weight, bias, gamma, beta, index=None, eps=1e-5, r
     y[b, ..., :] = norm(h[b, ..., :]) * ((1 + gamma[index[b]]) * weight + beta[index[b]]) + bias
     with h = x + residual and norm the plain (biased-variance) normalization.
     """
-    h = x if residual is None else x + residual
     cdt = _compute_dtype(x.dtype)
-    scale = (1 + _per_example(gamma, index)) * weight + _per_example(beta, index)
-    scale = scale.to(cdt).view(scale.shape[0], *([1] * (x.dim() - 2)), scale.shape[-1])
-    normed = F.layer_norm(h.to(cdt), (x.shape[-1],), eps=eps)
+    h = x.to(cdt) if residual is None else x.to(cdt) + residual.to(cdt)  # the sum in fp32: it cannot overflow
+    scale = (1 + _per_example(gamma, index).to(cdt)) * weight.to(cdt) + _per_example(beta, index).to(cdt)
+    scale = scale.view(scale.shape[0], *([1] * (x.dim() - 2)), scale.shape[-1])
+    normed = F.layer_norm(h, (x.shape[-1],), eps=eps)
     return (normed * scale + bias.to(cdt)).to(x.dtype)
 
 

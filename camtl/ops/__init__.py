@@ -4,6 +4,17 @@ Each op checks its inputs (errors name the argument and the expected shape,
 dtype or range), then runs on the backend chosen by ``camtl.use_backend`` /
 ``CAMTL_BACKEND`` (see ``camtl.backends``). The math of each op is in its
 module's docstring.
+
+Rules every backend follows (each op's docstring gives its part):
+- float16 / bfloat16 inputs: intermediates (FiLM, attention scores and
+  softmax, the residual sum, layer-norm statistics) run in float32; only the
+  outputs are rounded to the input dtype (an output past its range is ±inf);
+- masks: bool / integer = keep-mask (True / 1 = attend), float = additive; a
+  query whose keys are all masked outputs zeros with zero gradients;
+- empty batches or lengths give empty results; zero feature dims are refused;
+- task indices are int64 / int32 tensors (bool is refused);
+- double backward runs on the torch backend only (the kernels raise a clear error).
+Inputs are not checked for NaN / inf (that would need a host sync per call).
 """
 
 from camtl.ops._checks import index_read_once

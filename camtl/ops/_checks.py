@@ -138,3 +138,21 @@ def autocast_inputs(policy: str, *tensors):
     else:
         dtype = functools.reduce(torch.promote_types, (t.dtype for t in floats))
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+
+
+def refuse_double_backward(backward_op, op: str) -> None:
+    """Gives a kernel's backward op (a torch.library custom op) an autograd formula that raises a clear error.
+
+    Without one, a gradient of a gradient through it fails with torch's "no autograd formula" message.
+    """
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"{op}: double backward (differentiating a gradient, e.g. after backward(create_graph=True)) is "
+            f"supported on the torch backend only, and this gradient came from the triton backend; "
+            f"run the op under camtl.use_backend('torch') (or CAMTL_BACKEND=torch)"
+        )
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    backward_op.register_autograd(backward, setup_context=setup_context)

@@ -20,6 +20,8 @@ def per_task_sum(partials: torch.Tensor, index: torch.Tensor, num_tasks: int) ->
     """
     B, P = partials.shape[:2]
     features = partials.shape[2:]
+    if num_tasks == 0:  # an empty batch with an empty table (one_hot cannot make 0 classes)
+        return torch.zeros((0, *features), dtype=torch.float32, device=partials.device)
     onehot = torch.nn.functional.one_hot(index.long(), num_tasks).to(torch.float64)  # [B, G]
     onehot = onehot.repeat_interleave(P, dim=0)  # [B·P, G]: row b·P + p is partial p of example b
     total = onehot.T @ partials.reshape(B * P, math.prod(features)).to(torch.float64)

@@ -29,6 +29,11 @@ def film_linear(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, index:
         weight: [N, D]; bias: [N] or None.
     Returns:
         [B, L, N].
+
+    Every backend computes FiLM in fp32 and rounds its result A to x's dtype
+    before the GEMM (as the unfused FiLM would store it); the GEMM accumulates
+    in fp32. B = 0 or L = 0 gives an empty result; D = 0 is refused. Double
+    backward runs on the torch backend only.
     """
     op = "camtl.ops.film_linear"
     x, gamma, beta, weight, bias = _checks.autocast_inputs("lower", x, gamma, beta, weight, bias)
@@ -85,6 +90,9 @@ def _film_linear_bwd(dy: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor, bet
 def _(dy, x, gamma, beta, index, weight):
     return (x.new_empty(x.shape), gamma.new_empty(gamma.shape), gamma.new_empty(gamma.shape),
             weight.new_empty(weight.shape), weight.new_empty(weight.shape[:1]))
+
+
+_checks.refuse_double_backward(_film_linear_bwd, "camtl.ops.film_linear")
 
 
 def _film_linear_setup_context(ctx, inputs, output):

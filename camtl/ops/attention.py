@@ -14,6 +14,7 @@ the top-left L×L corner of the L_max×L_max one; the last block is cropped).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Tuple, Union
 
 import torch
@@ -50,11 +51,16 @@ def block_bias(table: torch.Tensor, index: Optional[torch.Tensor] = None, seq_le
     op = "camtl.ops.block_bias"
     if not isinstance(table, torch.Tensor):
         raise TypeError(f"{op}: argument 'table' must be a torch.Tensor of shape [G, L_max, c]")
+    for name, value, least in (("seq_len", seq_len, 0), ("block_rows", block_rows, 1), ("num_cols", num_cols, 0)):
+        if value is None:
+            continue
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise TypeError(f"{op}: argument '{name}' must be an int or None, got {type(value).__name__} {value!r}")
+        if value < least:
+            raise ValueError(f"{op}: argument '{name}' must be >= {least}, got {value}")
     seq_len = table.shape[1] if seq_len is None else int(seq_len)
     batch = index.shape[0] if isinstance(index, torch.Tensor) and index.dim() == 1 else table.shape[0]
     _check_table(op, table, index, batch, seq_len, table, "table")
-    if block_rows is not None and block_rows < 1:
-        raise ValueError(f"{op}: argument 'block_rows' must be >= 1, got {block_rows}")
     _, fn = resolve("block_bias", table.device)
     return fn(table, index, seq_len, block_rows, num_cols)
 
@@ -71,10 +77,12 @@ def conditional_attention(
         q, k: [B, H, L, d] and v: [B, H, L, dv], any strides (views of one QKV projection are fine).
         table: [G, L_max, c] FiLM-modulated block table, L <= L_max.
         index: [B] int64 row of ``table`` for each example; None means arange(B), G == B.
-        attn_mask: None; a key padding mask [B, L], bool (True = attend; an
-            example with no key left gets zeros) or float (added to the
-            scores, e.g. the published (1 - mask)·-10000); or a float mask
-            broadcastable to [B, H, L, L].
+        attn_mask: None; a key padding mask [B, L]: a bool or integer
+            keep-mask (True / 1 = attend) or a float additive mask (added to
+            the scores, e.g. the published (1 - mask)·-10000); or a float
+            additive mask broadcastable to [B, H, L, L] (e.g. the published
+            [B, 1, 1, L]). The dtype decides, as in camtl.nn: bool / integer
+            keep, float adds.
         dropout_p: attention dropout probability in [0, 1); pass 0 in eval.
         scale: score scale; None means 1/sqrt(d).
         head_mask: None or a float tensor broadcastable to [B, H, L, L] that
@@ -82,6 +90,15 @@ def conditional_attention(
         return_probs: also return the probabilities [B, H, L, L].
     With return_probs or head_mask, the torch reference runs whatever the
     backend: only it forms the probabilities.
+
+    Every backend: float16 / bfloat16 inputs get fp32 scores, bias and mask
+    adds, softmax and P·V; only out (and probs) are rounded to the input
+    dtype, so fp16 scores above 65504 are fine. A query row whose keys are
+    all masked (a bool / 0 keep-mask or -inf additive entries on every key)
+    outputs zeros and passes zero gradients, never NaN; an additive -10000
+    on every key is finite, so it attends uniformly, as published. B = 0 or
+    L = 0 gives an empty result; d = 0 is refused. Double backward runs on
+    the torch backend only.
     Returns:
         out [B, H, L, dv], or (out, probs) with return_probs.
     """
@@ -97,27 +114,11 @@ def conditional_attention(
                 raise ValueError(f"{op}: argument '{name}' must have shape {want} (like q), "
                                  f"got {_checks.shape_str(t.shape)}")
     B, H, L, d = q.shape
+    if d == 0:
+        raise ValueError(f"{op}: argument 'q' must have a head dim d >= 1 (the scores are scaled by 1/sqrt(d)), "
+                         f"got shape {_checks.shape_str(q.shape)}")
     _check_table(op, table, index, B, L, q, "q")
-    if attn_mask is not None:
-        if not isinstance(attn_mask, torch.Tensor):
-            raise TypeError(f"{op}: argument 'attn_mask' must be a tensor [B, L] or [B, H, L, L] or None")
-        if attn_mask.device != q.device:
-            raise ValueError(f"{op}: argument 'attn_mask' is on {attn_mask.device} but q is on {q.device}")
-        if attn_mask.dim() == 2:
-            if tuple(attn_mask.shape) != (B, L):
-                raise ValueError(f"{op}: a 2-D 'attn_mask' is a key padding mask of shape [B, L]=[{B}, {L}], "
-                                 f"got {_checks.shape_str(attn_mask.shape)}")
-        elif attn_mask.dim() == 4 and attn_mask.dtype != torch.bool:
-            try:
-                torch.broadcast_shapes(attn_mask.shape, (B, H, L, L))
-            except RuntimeError:
-                raise ValueError(f"{op}: a 4-D 'attn_mask' must broadcast to [B, H, L, L]=[{B}, {H}, {L}, {L}], "
-                                 f"got {_checks.shape_str(attn_mask.shape)}") from None
-        else:
-            raise ValueError(f"{op}: argument 'attn_mask' must be [B, L] (bool or float) or a float mask "
-                             f"broadcastable to [B, H, L, L], got {attn_mask.dtype} {_checks.shape_str(attn_mask.shape)}")
-        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-            raise TypeError(f"{op}: argument 'attn_mask' must be bool or floating point, got {attn_mask.dtype}")
+    attn_mask = _check_attn_mask(op, attn_mask, B, H, L, q.device)
     if head_mask is not None:
         if not isinstance(head_mask, torch.Tensor) or not head_mask.is_floating_point():
             raise TypeError(f"{op}: argument 'head_mask' must be a float tensor broadcastable to [B, H, L, L]")
@@ -136,6 +137,36 @@ def conditional_attention(
         _, fn = resolve("conditional_attention", q.device, _unsupported_by_kernels(q, v, attn_mask))
     out, probs = fn(q, k, v, table, index, attn_mask, dropout_p, scale, head_mask, return_probs)
     return (out, probs) if return_probs else out
+
+
+def _check_attn_mask(op: str, attn_mask, B: int, H: int, L: int, device: torch.device) -> Optional[torch.Tensor]:
+    """Checks attn_mask against the mask rule; returns it with an integer keep-mask turned into bool."""
+    if attn_mask is None:
+        return None
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"{op}: argument 'attn_mask' must be a tensor [B, L] or [B, H, L, L] or None, "
+                        f"got {type(attn_mask).__name__}")
+    if attn_mask.device != device:
+        raise ValueError(f"{op}: argument 'attn_mask' is on {attn_mask.device} but q is on {device}")
+    if attn_mask.is_complex():
+        raise TypeError(f"{op}: argument 'attn_mask' must be bool or integer (a keep-mask) or floating point "
+                        f"(additive), got {attn_mask.dtype}")
+    keep = not attn_mask.is_floating_point()
+    if attn_mask.dim() == 2:
+        if tuple(attn_mask.shape) != (B, L):
+            raise ValueError(f"{op}: a 2-D 'attn_mask' is a key padding mask of shape [B, L]=[{B}, {L}], "
+                             f"got {_checks.shape_str(attn_mask.shape)}")
+    elif attn_mask.dim() == 4 and not keep:
+        try:
+            torch.broadcast_shapes(attn_mask.shape, (B, H, L, L))
+        except RuntimeError:
+            raise ValueError(f"{op}: a 4-D 'attn_mask' must broadcast to [B, H, L, L]=[{B}, {H}, {L}, {L}], "
+                             f"got {_checks.shape_str(attn_mask.shape)}") from None
+    else:
+        raise ValueError(f"{op}: argument 'attn_mask' must be a key padding mask [B, L]=[{B}, {L}] (a bool or "
+                         f"integer keep-mask, or a float additive mask) or a float additive mask broadcastable "
+                         f"to [B, H, L, L], got {attn_mask.dtype} {_checks.shape_str(attn_mask.shape)}")
+    return attn_mask != 0 if keep and attn_mask.dtype != torch.bool else attn_mask
 
 
 def _unsupported_by_kernels(q, v, attn_mask) -> Optional[str]:
@@ -187,6 +218,9 @@ def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
 @_attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, table, index, key_bias, scale, dropout_p, seed):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), table.new_empty(table.shape)
+
+
+_checks.refuse_double_backward(_attention_bwd, "camtl.ops.conditional_attention")
 
 
 def _attention_setup_context(ctx, inputs, output):

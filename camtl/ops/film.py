@@ -27,6 +27,9 @@ def check_film(op: str, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor
     _checks.tensor(op, "beta", beta, (2,), "[G, D]")
     _checks.like(op, "gamma", gamma, x, "x")
     _checks.like(op, "beta", beta, x, "x")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{op}: argument 'x' must have D >= 1 features (its last dim), "
+                         f"got shape {_checks.shape_str(x.shape)}")
     _checks.dim(op, "gamma", gamma, 1, x.shape[-1], "D, the last dim of x")
     if beta.shape != gamma.shape:
         raise ValueError(f"{op}: argument 'beta' must have the shape of 'gamma' {_checks.shape_str(gamma.shape)}, "
@@ -49,6 +52,11 @@ def film(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
         index: [B] int64 rows of gamma/beta for each example; None means arange(B), G == B.
     Returns:
         [B, L, D] in x's dtype.
+
+    Every backend computes in fp32 for float16 / bfloat16 inputs and rounds
+    only the output (an output past the dtype's range rounds to ±inf).
+    B = 0 or L = 0 gives an empty result; D = 0 is refused. Double backward
+    runs on the torch backend only.
     """
     x, gamma, beta = _checks.autocast_inputs("promote", x, gamma, beta)
     check_film("camtl.ops.film", x, gamma, beta, index)
@@ -95,6 +103,9 @@ def _film_bwd(dout: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor,
 @_film_bwd.register_fake
 def _(dout, x, gamma, index):
     return x.new_empty(x.shape), gamma.new_empty(gamma.shape), gamma.new_empty(gamma.shape)
+
+
+_checks.refuse_double_backward(_film_bwd, "camtl.ops.film")
 
 
 def _film_setup_context(ctx, inputs, output):

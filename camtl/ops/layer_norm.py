@@ -34,11 +34,21 @@ def conditional_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         eps: > 0.
     Returns:
         y, the shape and dtype of x.
+
+    Every backend: float16 / bfloat16 inputs get the sum x + residual, the
+    statistics and the affine in fp32, and only y is rounded to x's dtype, so
+    an fp16 x + residual past 65504 is normalized correctly (the sum is never
+    returned, so it never overflows); a y that does not fit the dtype rounds
+    to ±inf. Zero rows (B = 0 or an empty middle dim) give an empty y; D = 0
+    is refused. Double backward runs on the torch backend only.
     """
     op = "camtl.ops.conditional_layer_norm"
     x, weight, bias, gamma, beta, residual = _checks.autocast_inputs("fp32", x, weight, bias, gamma, beta, residual)
     _checks.tensor(op, "x", x, range(2, 9), "[B, *, D]")
     D = x.shape[-1]
+    if D == 0:
+        raise ValueError(f"{op}: argument 'x' must have D >= 1 features to normalize (its last dim), "
+                         f"got shape {_checks.shape_str(x.shape)}")
     for name, t in (("weight", weight), ("bias", bias)):
         _checks.tensor(op, name, t, (1,), "[D]")
         _checks.like(op, name, t, x, "x")
@@ -110,6 +120,9 @@ def _cln_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gamma: tor
 def _(dy, x, weight, gamma, beta, index, residual, mean, rstd):
     return (x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape),
             gamma.new_empty(gamma.shape), gamma.new_empty(gamma.shape))
+
+
+_checks.refuse_double_backward(_cln_bwd, "camtl.ops.conditional_layer_norm")
 
 
 def _cln_setup_context(ctx, inputs, output):
