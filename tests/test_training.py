@@ -1,6 +1,9 @@
 """Samplers, MT-Uncertainty selection, freezing, exact resume and DDP equivalence."""
 
+import copy
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +14,7 @@ import torch
 from transformers import BertConfig
 
 from camtl.models import CaMtl
+from camtl.models.camtl_model import CaMtlOutput
 from camtl.training import MultiTaskBatchSampler, Trainer, TrainingArguments, mt_uncertainty_select
 
 TASK_LABELS = [2, 1, 3]
@@ -98,6 +102,99 @@ def test_mt_uncertainty_select_by_hand():
         == [0, 4]
 
 
+def _normalized_entropy_by_hand(logits, task_id):
+    """Each row's H(softmax over its task's C classes) / log C, in numpy float64 (independent of the model)."""
+    rows = []
+    for row, t in zip(logits.double().numpy(), task_id.tolist()):
+        z = row[: TASK_LABELS[t]]
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        rows.append(-(p * np.log(p)).sum() / np.log(TASK_LABELS[t]) if TASK_LABELS[t] > 1 else 0.0)
+    return np.array(rows)
+
+
+def _masked(logits, task_id):
+    """-inf past each row's task's classes, as CaMtl's logits."""
+    valid = torch.arange(logits.shape[1])[None, :] < torch.tensor(TASK_LABELS)[task_id][:, None]
+    return logits.masked_fill(~valid, float("-inf"))
+
+
+def test_mt_uncertainty_keeps_the_highest_normalized_entropy():
+    """Scores are H / log C (not H): a 2-class row (H 0.62) beats a 3-class row with a larger H (0.69)."""
+    task_id = torch.tensor([2, 0, 2, 0, 2, 0])  # C = 3, 2, 3, 2, 3, 2
+    logits = _masked(torch.tensor([[4.0, -2.0, 0.5], [3.0, -3.0, 0.0],  # confident: low scores, listed first
+                                   [0.0, 0.0, -20.0], [0.0, 0.0, 0.0],  # H = log 2 for both: 0.631 vs 1.0
+                                   [0.3, -0.2, 0.1], [0.8, 0.0, 0.0]]), task_id)  # H 1.08, 0.62: 0.982, 0.893
+    entropy = CaMtl._normalized_entropy(logits, torch.tensor(TASK_LABELS)[task_id])
+    np.testing.assert_allclose(entropy.double().numpy(), _normalized_entropy_by_hand(logits, task_id), rtol=1e-5)
+    # By hand: scores [0.14, 0.03, 0.63, 1.0, 0.98, 0.89] -> ranking 3, 4, 5, 2 (by H alone: 4, 2, 3, 5).
+    assert mt_uncertainty_select(entropy, task_id, 3).tolist() == [3, 4, 5]
+    assert mt_uncertainty_select(entropy, task_id, 4).tolist() == [3, 4, 5, 2]
+
+
+def test_trainer_selects_the_most_uncertain_candidates(tmp_path, monkeypatch):
+    """Trainer._select keeps the batch_size candidates of highest H / log C, whatever their place or task."""
+    dataset = ToyDataset()
+    trainer = Trainer(tiny_model(), TrainingArguments(output_dir=str(tmp_path), sampling="mt_uncertainty",
+                                                      per_device_train_batch_size=4, max_steps=1, progress=False),
+                      dataset, collate)
+    candidates = trainer.sampler.next_batch()
+    task_id = torch.tensor([dataset[i]["task_id"] for i in candidates])
+    logits = _masked(torch.randn(len(candidates), max(TASK_LABELS)) * 2, task_id)
+    entropy = CaMtl._normalized_entropy(logits, torch.tensor(TASK_LABELS)[task_id])
+
+    def scored_forward(**batch):
+        assert torch.equal(batch["task_id"], task_id) and "labels" not in batch
+        return CaMtlOutput(logits=logits, entropy=entropy)
+
+    monkeypatch.setattr(trainer.model, "forward", scored_forward)
+    ranking = np.argsort(-_normalized_entropy_by_hand(logits, task_id), kind="stable")
+    expected = [candidates[i] for i in ranking[:4]]
+    assert expected != candidates[:4]
+    assert trainer._select(candidates) == expected
+
+
+def test_one_sgd_step_follows_the_mean_over_tasks_of_each_task_mean(tmp_path, monkeypatch):
+    """The published loss: mean over the tasks present of each task's mean loss (not the mean over examples)."""
+    lr = 0.5
+    monkeypatch.setattr(Trainer, "_optimizer", lambda self: torch.optim.SGD(
+        [p for p in self.model.parameters() if p.requires_grad], lr=self.args.learning_rate))
+    model = tiny_model(dropout=0.0).double()
+    initial = copy.deepcopy(model)
+    dataset = ToyDataset()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=8, progress=False,
+                             learning_rate=lr, warmup_proportion=0.0, max_grad_norm=0.0, logging_steps=1)
+    trainer = Trainer(model, args, dataset, collate)
+
+    batch = collate([dataset[i] for i in MultiTaskBatchSampler(dataset.task_indices, 8, seed=args.seed).next_batch()])
+    counts = torch.bincount(batch["task_id"], minlength=3)
+    assert (counts > 0).sum() >= 2 and len(set(counts[counts > 0].tolist())) >= 2  # unequal tasks: means differ
+    initial.train()
+    logits = initial(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    task_means = []
+    for t, num_labels in enumerate(TASK_LABELS):
+        rows = batch["task_id"] == t
+        if rows.any():
+            labels = batch["labels"][rows].double()
+            task_means.append(((logits[rows, 0] - labels) ** 2).mean() if num_labels == 1 else
+                              torch.nn.functional.cross_entropy(logits[rows, :num_labels], labels.long()))
+    expected_loss = torch.stack(task_means).mean()
+    params = dict(initial.named_parameters())
+    grads = torch.autograd.grad(expected_loss, list(params.values()), allow_unused=True)
+
+    trainer.train()
+    logged = [r for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert abs(logged[0]["loss"] - expected_loss.item()) <= 1e-10 * expected_loss.item()
+    trained = dict(model.named_parameters())
+    moved = 0
+    for (name, before), grad in zip(params.items(), grads):
+        expected_step = -lr * (grad if grad is not None else torch.zeros_like(before))
+        torch.testing.assert_close(trained[name].detach() - before.detach(), expected_step, rtol=1e-9, atol=1e-12,
+                                   msg=name)
+        moved += bool(expected_step.abs().max() > 1e-6)
+    assert moved > 50
+
+
 # ---- freezing, resume, DDP -------------------------------------------------------------------------------------
 
 def test_freeze_keeps_conditional_modules_trainable(tmp_path):
@@ -138,6 +235,8 @@ def test_resume_is_exact(sampling, tmp_path):
     resumed = run(steps_before_stop=3)
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k
+    initial = tiny_model().state_dict()
+    assert sum(not torch.equal(straight[k], initial[k]) for k in straight) > 50  # training did move the weights
 
 
 def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -155,9 +254,11 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match=f"{re.escape(str(path))}.*No space left") as failure:
         trainer.save_checkpoint(str(path))
+    assert failure.value.errno == 28
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before  # model.safetensors was not overwritten
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]
     monkeypatch.undo()
     trainer.save_checkpoint(str(path))  # the next save clears the partial one and replaces the old
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]

@@ -21,6 +21,15 @@
   stop at and wait for the save.
 - tqdm progress, and JSON lines in ``output_dir/log.jsonl``; every evaluation is
   reported as measured (never a max over evaluations).
+- Safety: checkpoints load with ``torch.load(weights_only=True)`` (a checkpoint
+  cannot run code); a non-finite loss or gradient norm raises
+  ``NonFiniteLossError`` naming the step and the tasks (or, with
+  ``skip_nonfinite_steps``, skips the step and counts it), and nothing
+  non-finite is ever saved; the final checkpoint is written before the final
+  evaluation; a failed save leaves the previous checkpoint and no partial one;
+  one run at a time per output_dir (``output_dir/.camtl.lock``); only the
+  newest ``save_total_limit`` checkpoints are kept. An evaluation set without
+  examples is left out of evaluation, with a warning.
 """
 
 from __future__ import annotations
@@ -28,7 +37,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import os
+import pickle
 import random
 import re
 import shutil
@@ -36,6 +47,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -44,15 +56,37 @@ import torch
 import torch.distributed as dist
 from transformers import set_seed
 
-from camtl.training.samplers import MultiTaskBatchSampler, mt_uncertainty_select
+from camtl.training.samplers import SAMPLING, MultiTaskBatchSampler, mt_uncertainty_select
 
 # Parameters of conditional modules: trainable even inside frozen layers (the published list
 # names 'film.gb_weights', which matches nothing; these match what the paper meant).
 CONDITIONAL_MARKERS = ("random_weight_matrix", "cond_block_diag_attn", "ln_weight_modulation", "adapter")
 
 
+LOCK_NAME = ".camtl.lock"
+CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
+
+
+class NonFiniteLossError(ValueError):
+    """A step's loss or gradient norm (or the weights) is not finite; ``step`` and ``tasks`` say where."""
+
+    def __init__(self, message: str, step: int, tasks: Sequence[str] = ()):
+        super().__init__(message)
+        self.step, self.tasks = step, list(tasks)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: unsafe, malformed, or already at the end of this run."""
+
+
+class OutputDirInUseError(RuntimeError):
+    """Another training run holds the output folder's lock."""
+
+
 @dataclass
 class TrainingArguments:
+    """The run's settings; ``__post_init__`` checks each (ValueError naming it and its allowed range)."""
+
     output_dir: str = "camtl-output"
     learning_rate: float = 2e-5
     num_train_epochs: float = 3.0
@@ -63,7 +97,7 @@ class TrainingArguments:
     warmup_proportion: float = 0.1
     weight_decay: float = 0.01
     adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # 0: no clipping (the norm is still measured and logged)
     seed: int = 42
     bf16: bool = False
     fp16: bool = False
@@ -73,7 +107,54 @@ class TrainingArguments:
     logging_steps: int = 10
     eval_steps: int = 0  # 0: evaluate at the end of each epoch
     save_steps: int = 0  # 0: save at the end of each epoch
+    save_total_limit: int = 2  # checkpoints kept in output_dir (the oldest are deleted)
+    skip_nonfinite_steps: bool = False  # skip (and count) a step with a non-finite loss instead of raising
     progress: bool = True
+
+    def __post_init__(self):
+        def require(ok: bool, name: str, allowed: str) -> None:
+            if not ok:
+                raise ValueError(f"TrainingArguments: {name} must be {allowed}, got {getattr(self, name)!r}")
+
+        def integer(name: str, low: int) -> None:
+            value = getattr(self, name)
+            require(isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low,
+                    name, f"an integer >= {low}")
+
+        def real(name: str, ok: Callable[[float], bool], allowed: str) -> None:
+            value = getattr(self, name)
+            is_real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            require(is_real and math.isfinite(value) and ok(value), name, allowed)
+
+        require(isinstance(self.output_dir, (str, os.PathLike)) and str(self.output_dir) != "", "output_dir",
+                "a folder path")
+        real("learning_rate", lambda v: v > 0, "a finite number > 0")
+        integer("max_steps", 0)
+        if self.max_steps == 0:
+            real("num_train_epochs", lambda v: v > 0, "a finite number > 0 (when max_steps is 0)")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "logging_steps", "save_total_limit"):
+            integer(name, 1)
+        for name in ("eval_steps", "save_steps", "seed"):
+            integer(name, 0)
+        real("warmup_proportion", lambda v: 0 <= v <= 1, "in [0, 1]")
+        real("weight_decay", lambda v: v >= 0, "a finite number >= 0")
+        real("adam_epsilon", lambda v: v >= 0, "a finite number >= 0")
+        real("max_grad_norm", lambda v: v >= 0, "a finite number >= 0 (0: no clipping)")
+        require(self.sampling in SAMPLING, "sampling", f"one of {', '.join(SAMPLING)}")
+        if self.bf16 and self.fp16:
+            raise ValueError("TrainingArguments: choose at most one of bf16 and fp16, got both")
+        if self.freeze_encoder_layers:
+            _layer_range(self.freeze_encoder_layers)
+
+
+def _layer_range(spec: str) -> tuple:
+    """(a, b) from "a-b" with 0 <= a <= b; ValueError otherwise."""
+    m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", spec) if isinstance(spec, str) else None
+    if not m or int(m.group(1)) > int(m.group(2)):
+        raise ValueError(f"freeze_encoder_layers must be 'a-b' (encoder layers a to b) with 0 <= a <= b, "
+                         f"got {spec!r}")
+    return int(m.group(1)), int(m.group(2))
 
 
 def freeze_encoder_layers(model, spec: Optional[str]) -> List[str]:
@@ -81,13 +162,15 @@ def freeze_encoder_layers(model, spec: Optional[str]) -> List[str]:
     conditional module trainable. Returns the names of the frozen parameters."""
     if not spec:
         return []
-    m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", spec)
-    if not m or int(m.group(1)) > int(m.group(2)):
-        raise ValueError(f"freeze_encoder_layers must be 'a-b' with a <= b, got {spec!r}")
-    lo, hi = int(m.group(1)), int(m.group(2))
+    lo, hi = _layer_range(spec)
+    layer_of = {name: re.match(r"encoder\.layer\.(\d+)\.", name) for name, _ in model.bert.named_parameters()}
+    num_layers = 1 + max((int(m.group(1)) for m in layer_of.values() if m), default=-1)
+    if hi >= num_layers:
+        raise ValueError(f"freeze_encoder_layers {spec!r}: the model has {num_layers} encoder layers "
+                         f"(0-{num_layers - 1})")
     frozen = []
     for name, p in model.bert.named_parameters():
-        layer = re.match(r"encoder\.layer\.(\d+)\.", name)
+        layer = layer_of[name]
         freeze = (layer is not None and lo <= int(layer.group(1)) <= hi
                   and not any(marker in name for marker in CONDITIONAL_MARKERS))
         freeze = freeze or name.startswith("embeddings.")
@@ -121,8 +204,7 @@ class Trainer:
     def __init__(self, model, args: TrainingArguments, train_dataset, collate: Callable,
                  eval_datasets: Optional[Dict[str, tuple]] = None, compute_metrics: Optional[Callable] = None,
                  task_names: Optional[Sequence[str]] = None):
-        if args.bf16 and args.fp16:
-            raise ValueError("choose at most one of bf16 and fp16")
+        args.__post_init__()  # fields may have been changed since it was built
         self.args = args
         self.rank, self.world = _world()
         self.device = next(model.parameters()).device
@@ -134,7 +216,14 @@ class Trainer:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.train_dataset = train_dataset
         self.collate = collate
-        self.eval_datasets = eval_datasets or {}
+        self.eval_datasets = {}
+        for name, (task, dataset) in (eval_datasets or {}).items():
+            if len(dataset) == 0:  # e.g. a dev file with only its header: no metric to measure
+                if self.rank == 0:
+                    warnings.warn(f"camtl: the evaluation set {name!r} has no example; it is left out of "
+                                  "every evaluation", stacklevel=2)
+                continue
+            self.eval_datasets[name] = (task, dataset)
         self.compute_metrics = compute_metrics
         self.task_names = list(task_names or [])
         global_batch = args.per_device_train_batch_size * self.world
@@ -148,6 +237,7 @@ class Trainer:
             else max(0.0, (total - s) / max(1, total - warmup)))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.fp16)
         self.global_step = 0
+        self.skipped_nonfinite_steps = 0
         self.log_path = os.path.join(args.output_dir, "log.jsonl")
 
     # ---- set-up ------------------------------------------------------------------------------------------------
@@ -200,14 +290,38 @@ class Trainer:
         task_loss = (out.task_loss_sum.detach().double() / count.clamp_min(1))
         if self.world > 1:
             dist.all_reduce(task_loss)
+        if not bool(torch.isfinite(task_loss[present]).all()):  # the same on every process
+            self._nonfinite_tasks |= self._tasks_with_nonfinite_examples(out.logits.detach(), batch, task_loss,
+                                                                         present)
         return {"loss": float(task_loss[present].mean()),
                 **{f"loss/{self._task_name(t)}": float(task_loss[t]) for t in range(T) if present[t]}}
+
+    def _tasks_with_nonfinite_examples(self, logits, batch, task_loss, present) -> set:
+        """The tasks having an example with a non-finite logit (of its classes) or label, on any process.
+
+        The model sums each task's losses in one matmul, so one example's NaN reaches every task's sum;
+        this names the task it came from. When no example shows it (an overflow inside the loss),
+        every task whose loss is not finite.
+        """
+        T = len(self.model.task_num_labels)
+        task_id = batch["task_id"]
+        num_classes = torch.tensor(self.model.task_num_labels, device=logits.device)[task_id]
+        valid = torch.arange(logits.shape[1], device=logits.device)[None, :] < num_classes[:, None]
+        bad_row = ~(torch.isfinite(logits) | ~valid).all(-1) | ~torch.isfinite(batch["labels"].to(logits.device))
+        flags = torch.zeros(T, dtype=torch.float64, device=logits.device)
+        flags[task_id[bad_row]] = 1.0
+        if self.world > 1:
+            flags = flags.to(self.device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        tasks = {t for t in range(T) if flags[t] > 0}
+        return tasks or {t for t in range(T) if present[t] and not math.isfinite(float(task_loss[t]))}
 
     def _task_name(self, t: int) -> str:
         return self.task_names[t] if t < len(self.task_names) else str(t)
 
     def train_step(self) -> Dict[str, float]:
         self.model.train()
+        self._nonfinite_tasks: set = set()
         logs: Dict[str, float] = {}
         acc = self.args.gradient_accumulation_steps
         for _ in range(acc):
@@ -218,14 +332,51 @@ class Trainer:
                 logs[k] = logs.get(k, 0.0) + v / acc
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        max_norm = self.args.max_grad_norm or math.inf  # inf: clip_grad_norm_ only measures
+        logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        # Every process sees the same global task losses and (all-reduced) gradient norm, so all decide alike.
+        problem = self._nonfinite(logs)
+        if problem is None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()  # fp16: the non-finite gradients count as an overflow (a lower scale)
+            message, tasks = problem
+            if not self.args.skip_nonfinite_steps:
+                raise NonFiniteLossError(message + "; no update was made and nothing was saved. Check the data "
+                                         "(labels) and learning_rate, or set skip_nonfinite_steps to skip such "
+                                         "steps", self.global_step + 1, tasks)
+            self.skipped_nonfinite_steps += 1
+            if self.rank == 0:
+                warnings.warn(f"camtl: {message}; step skipped (no update)", stacklevel=2)
+            with warnings.catch_warnings():  # a skipped first step has no optimizer.step(): expected
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                self.scheduler.step()  # the schedule follows the steps, taken or skipped (as resume needs)
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
         logs["lr"] = self.scheduler.get_last_lr()[0]
+        if self.args.skip_nonfinite_steps:
+            logs["skipped_nonfinite_steps"] = self.skipped_nonfinite_steps
         return logs
+
+    def _nonfinite(self, logs: Dict[str, float]) -> Optional[tuple]:
+        """(message, task names) when this step's loss or gradient norm is not finite, else None.
+
+        Under fp16 a non-finite gradient with a finite loss is an overflow that the gradient scaler
+        handles itself (it skips the update and lowers its scale), so only the loss counts there.
+        """
+        step = self.global_step + 1
+        tasks = [self._task_name(t) for t in sorted(self._nonfinite_tasks)]
+        if tasks:
+            values = ", ".join(f"{name} ({logs.get('loss/' + name)})" for name in tasks)
+            return f"step {step}: the loss of task{'s' if len(tasks) > 1 else ''} {values} is not finite", tasks
+        if not math.isfinite(logs["loss"]):
+            return f"step {step}: the loss ({logs['loss']}) is not finite", []
+        if not math.isfinite(logs["grad_norm"]) and not self.args.fp16:
+            return f"step {step}: the gradient norm ({logs['grad_norm']}) is not finite", []
+        return None
 
     # ---- evaluation ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -243,6 +394,8 @@ class Trainer:
             preds.append(pred.cpu())
             if "labels" in batch:  # test splits have none
                 labels.append(batch["labels"].cpu())
+        if not preds:  # an empty dataset
+            return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.float32)
         return torch.cat(preds).numpy(), (torch.cat(labels).numpy() if labels else None)
 
     def evaluate(self) -> Dict[str, Dict[str, float]]:
@@ -265,10 +418,20 @@ class Trainer:
 
         Raises TrainingInterrupted after SIGINT or SIGTERM, once the step under way is done and saved.
         """
-        if resume_from:
-            self.load_checkpoint(resume_from)
-        else:
-            set_seed(self.args.seed)
+        with self._output_dir_lock():
+            if resume_from:
+                self.load_checkpoint(resume_from)
+                if self.global_step >= self.total_steps:
+                    raise CheckpointError(
+                        f"{resume_from} is at step {self.global_step}, not before the end of this run "
+                        f"({self.total_steps} steps): nothing to resume. Raise max_steps or num_train_epochs, "
+                        "or start without resuming")
+            else:
+                set_seed(self.args.seed)
+            return self._train_loop()
+
+    def _train_loop(self) -> Dict:
+        """Steps from global_step to total_steps; returns the last evaluation."""
         steps_per_epoch = max(1, math.ceil(len(self.sampler) / self.args.gradient_accumulation_steps))
         eval_every = self.args.eval_steps or steps_per_epoch
         save_every = self.args.save_steps or steps_per_epoch
@@ -305,12 +468,13 @@ class Trainer:
         if self.global_step % self.args.logging_steps == 0 or last or stopping:
             self._log({"step": self.global_step, "epoch": self.global_step / steps_per_epoch,
                        "elapsed_s": round(time.time() - started, 2), **logs})
+        # The checkpoint first: an evaluation that fails (or a preempted job's last seconds) cannot lose it.
+        if self.global_step % save_every == 0 or last or stopping:
+            self.save_checkpoint(self.checkpoint_path())
         evaluation = None
         if self.eval_datasets and (self.global_step % eval_every == 0 or last) and not stopping:
             evaluation = self.evaluate()
             self._log({"step": self.global_step, "eval": evaluation})
-        if self.global_step % save_every == 0 or last or stopping:
-            self.save_checkpoint(self.checkpoint_path())
         if stopping:
             if self.world > 1:
                 dist.barrier()  # no process exits (and gets its launcher to kill the others) before the save
@@ -330,35 +494,144 @@ class Trainer:
         return bool(flag.item())
 
     def save_checkpoint(self, path: str) -> None:
-        """Writes the checkpoint into path.partial, then renames it to path (replacing an older one)."""
+        """Writes the checkpoint into path.partial, then renames it to path (replacing an older one).
+
+        Non-finite weights are never saved (NonFiniteLossError). A failed write raises OSError naming
+        path and leaves the previous checkpoint as it was, without a partial one. In output_dir, only
+        the newest save_total_limit checkpoints are kept.
+        """
+        path = path.rstrip(os.sep)
+        # On every process (their weights are the same), so that all stop alike; one sync for all weights.
+        named = list(self.model.named_parameters())
+        finite = torch.stack([torch.isfinite(p).all() for _, p in named]).tolist()
+        bad = [name for (name, _), ok in zip(named, finite) if not ok]
+        if bad:
+            raise NonFiniteLossError(f"step {self.global_step}: the weights {', '.join(bad[:5])}"
+                                     f"{' ...' if len(bad) > 5 else ''} are not finite; the checkpoint {path} "
+                                     "was not written", self.global_step)
         if self.rank != 0:
             return
-        partial, old = path.rstrip(os.sep) + ".partial", path.rstrip(os.sep) + ".old"
+        partial, old = path + ".partial", path + ".old"
+        if os.path.isdir(old) and not os.path.exists(path):  # a crash between the two renames below
+            os.replace(old, path)
         for leftover in (partial, old):
             shutil.rmtree(leftover, ignore_errors=True)
-        os.makedirs(partial)
-        self.model.save_pretrained(partial)
-        torch.save({
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(), "sampler": self.sampler.state_dict(),
-            "global_step": self.global_step, "args": asdict(self.args), "rng": _rng_state(),
-        }, os.path.join(partial, "trainer_state.pt"))
+        try:
+            os.makedirs(partial)
+            self.model.save_pretrained(partial)
+            torch.save(self._trainer_state(), os.path.join(partial, "trainer_state.pt"))
+        except BaseException as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise OSError(exc.errno, f"writing the checkpoint {path} failed ({exc.strerror or exc}); "
+                                         "the previous checkpoint is left as it was") from exc
+            raise
         if os.path.exists(path):
             os.replace(path, old)
         os.replace(partial, path)
         shutil.rmtree(old, ignore_errors=True)
+        self._delete_old_checkpoints(path)
+
+    def _trainer_state(self) -> Dict:
+        # Only tensors and plain data: the file loads with weights_only=True.
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "sampler": self.sampler.state_dict(),
+                "global_step": self.global_step, "skipped_nonfinite_steps": self.skipped_nonfinite_steps,
+                "args": {k: (os.fspath(v) if isinstance(v, os.PathLike) else v)
+                         for k, v in asdict(self.args).items()},
+                "rng": _rng_state()}
+
+    def _delete_old_checkpoints(self, kept: str) -> None:
+        """Deletes output_dir's oldest checkpoint-N folders beyond save_total_limit, never ``kept``."""
+        folder = os.path.dirname(kept) or "."
+        if not (os.path.isdir(self.args.output_dir) and os.path.samefile(folder, self.args.output_dir)):
+            return  # a checkpoint saved elsewhere by hand: leave that folder alone
+        others = []
+        for name in os.listdir(folder):
+            m = CHECKPOINT_RE.fullmatch(name)
+            full = os.path.join(folder, name)
+            if m and os.path.isdir(full) and name != os.path.basename(kept):
+                others.append((int(m.group(1)), full))
+        others.sort()
+        for _, full in others[: max(0, len(others) + 1 - self.args.save_total_limit)]:
+            shutil.rmtree(full, ignore_errors=True)
 
     def load_checkpoint(self, path: str) -> None:
+        """Restores a checkpoint written by save_checkpoint; CheckpointError (naming the file) if it is not one.
+
+        The trainer state loads with weights_only=True: a file holding anything but tensors and plain
+        data (which could run code when unpickled) is refused.
+        """
         from safetensors.torch import load_file
 
-        self.model.load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=True)
-        state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.sampler.load_state_dict(state["sampler"])
+        state_file, model_file = os.path.join(path, "trainer_state.pt"), os.path.join(path, "model.safetensors")
+        for file in (state_file, model_file):
+            if not os.path.isfile(file):
+                raise CheckpointError(f"{path} is not a camtl checkpoint: {file} is missing")
+        try:
+            state = torch.load(state_file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            reason = str(exc).strip().splitlines()[-1][:300]
+            raise CheckpointError(f"refusing to load {state_file}: it holds objects other than tensors and plain "
+                                  "data, which could run code when loaded (a tampered file, or one not written "
+                                  f"by this camtl). Unpickler: {reason}") from None
+        except (RuntimeError, EOFError, OSError) as exc:
+            raise CheckpointError(f"{state_file} cannot be read ({type(exc).__name__}: {exc})") from exc
+        _check_trainer_state(state, state_file)
+        try:
+            self.model.load_state_dict(load_file(model_file), strict=True)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.sampler.load_state_dict(state["sampler"])
+            _set_rng_state(state["rng"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: cannot resume from it ({type(exc).__name__}: {exc})") from exc
         self.global_step = state["global_step"]
-        _set_rng_state(state["rng"])
+        self.skipped_nonfinite_steps = state.get("skipped_nonfinite_steps", 0)
+
+    @contextlib.contextmanager
+    def _output_dir_lock(self):
+        """Holds output_dir/.camtl.lock (rank 0 only) while inside; OutputDirInUseError when another run has it.
+
+        An flock: the kernel drops it when its process dies, so a crashed run's lock file blocks nothing.
+        """
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            fcntl = None
+        if self.rank != 0 or fcntl is None:
+            yield
+            return
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        lock_path = os.path.join(self.args.output_dir, LOCK_NAME)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                raise OutputDirInUseError(
+                    f"{os.path.abspath(self.args.output_dir)} is in use by another camtl training run (PID "
+                    f"{holder}, holding {lock_path}); wait for it to end or choose another output_dir") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+
+def _check_trainer_state(state, state_file: str) -> None:
+    """CheckpointError naming the file when the loaded trainer state lacks a part or has a bad global_step."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{state_file} is not a camtl trainer state (a {type(state).__name__}, not a dict)")
+    for key in ("optimizer", "scheduler", "scaler", "sampler", "rng"):
+        if not isinstance(state.get(key), dict):
+            raise CheckpointError(f"{state_file}: the trainer state lacks its {key!r} state")
+    for key in ("global_step", "skipped_nonfinite_steps"):
+        value = state.get(key, 0 if key == "skipped_nonfinite_steps" else None)  # the count came later
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError(f"{state_file}: {key} must be an integer >= 0, got {value!r}")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -408,15 +681,24 @@ def _deferred_stop_signals():
 
 
 def _rng_state() -> Dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors, lists and numbers (what torch.load(weights_only=True) accepts)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: Dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
