@@ -345,6 +345,18 @@ def test_task_absent_and_bad_labels():
         CaMtl(tiny_config(4), task_num_labels=[], max_seq_length=12)
 
 
+def test_a_nan_label_stays_in_its_own_task():
+    """A non-finite loss term lands in its own task's sum only, so the trainer can name that task."""
+    model = camtl_model()
+    input_ids, attention_mask, _, _ = batch(B=5)
+    task_id = torch.tensor([0, 1, 2, 0, 2])  # task 1 is the regression task
+    labels = torch.tensor([1.0, float("nan"), 2.0, 0.0, 1.0], dtype=torch.float64)
+    out = model(input_ids, attention_mask=attention_mask, task_id=task_id, labels=labels)
+    assert torch.isnan(out.task_loss_sum[1])
+    assert torch.isfinite(out.task_loss_sum[[0, 2]]).all() and (out.task_loss_sum[[0, 2]] > 0).all()
+    assert out.task_count.tolist() == [2, 1, 2]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast(dtype):
     """Under torch.autocast the ops cast their mixed inputs as autocast would (GEMMs low, norms fp32)."""

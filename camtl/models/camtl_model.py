@@ -257,5 +257,8 @@ class CaMtl(PreTrainedModel):
         ce = F.cross_entropy(logits.to(cdt).masked_fill(logits.isinf(), -1e4), safe_class, reduction="none")
         se = (logits[:, 0].to(cdt) - labels.to(cdt)) ** 2
         per_example = torch.where(regression, se, ce)
-        onehot = F.one_hot(task_id, T).to(per_example.dtype)  # [B, T]: fixed-order sums, no atomics
-        return onehot.T @ per_example, onehot.sum(0)
+        onehot = F.one_hot(task_id, T).bool()  # [B, T]: fixed-order sums, no atomics
+        # A select, not a one-hot GEMM: one example's NaN stays in its own task's sum (NaN * 0 is NaN).
+        task_sum = torch.where(onehot, per_example[:, None], torch.zeros((), dtype=per_example.dtype,
+                                                                        device=per_example.device)).sum(0)
+        return task_sum, onehot.sum(0).to(per_example.dtype)
