@@ -48,14 +48,15 @@ def collect() -> Dict[str, Any]:
 
 
 def info(file=None) -> Dict[str, Any]:
-    """Prints versions, the backends with their state (and why any is off), and the device; returns them."""
+    """Prints versions, the backends with their state (and why any is off) and ops, and the device; returns them."""
     data = collect()
     out = file if file is not None else sys.stdout
     for key in ("camtl", "python", "torch", "triton", "transformers", "device"):
         print(f"{key:<14} {data[key]}", file=out)
     print(f"{'backend':<14} {data['requested_backend']} (CAMTL_BACKEND / camtl.use_backend)", file=out)
-    print("backends:", file=out)
+    print("backends (the ops a backend does not implement run on torch):", file=out)
     for name, st in data["backends"].items():
         state = "on " if st["available"] else "off"
         print(f"  {name:<7} {state}  {st['reason']}", file=out)
+        print(f"  {'':<7}      ops: {', '.join(st['ops']) or 'none'}", file=out)
     return data

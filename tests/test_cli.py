@@ -59,7 +59,7 @@ def test_train_draws_its_curves_and_plot_redraws_them(trained):
     assert (root / "again.png").stat().st_size > 10_000
     done = subprocess.run([sys.executable, "-m", "camtl", "plot", str(root / "data")], capture_output=True, text=True,
                           cwd=root, env=ENV)
-    assert done.returncode != 0 and "camtl plot: no training log at" in done.stderr
+    assert done.returncode == 2 and done.stderr.startswith("camtl: error: no training log at")
 
 
 def test_eval_reproduces_the_final_evaluation(trained):
@@ -67,6 +67,18 @@ def test_eval_reproduces_the_final_evaluation(trained):
     stdout = camtl("eval", "--model_name_or_path", str(out), "--data_dir", str(data), cwd=root)
     results = json.loads((out / "eval_results.json").read_text())["results"]
     assert f"accuracy {results['sentiment']['accuracy']:.4f}" in stdout
+
+
+def test_eval_takes_a_checkpoint_folder(trained):
+    """Each checkpoint holds the tokenizer and tasks.json too: it evaluates while the run is still going."""
+    root, data, out, _ = trained
+    for name in ("tasks.json", "tokenizer_config.json"):
+        assert (out / "checkpoint-2" / name).exists(), name
+    assert "accuracy" in camtl("eval", "--model_name_or_path", str(out / "checkpoint-2"), "--data_dir", str(data),
+                               cwd=root)
+    stdout = camtl("eval", "--model_name_or_path", str(out / "checkpoint-4"), "--data_dir", str(data), cwd=root)
+    results = json.loads((out / "eval_results.json").read_text())["results"]  # step 4's, the last checkpoint
+    assert f"accuracy {results['topic']['accuracy']:.4f}" in stdout
 
 
 def test_predict_writes_submission_files(trained):
@@ -160,6 +172,8 @@ def test_sigterm_to_torchrun_saves_one_checkpoint(trained):
 
 
 def test_bad_arguments(tmp_path):
+    """A mistake is one line and exit code 2, from the installed command too (more cases: test_cli_safety.py)."""
     done = subprocess.run([sys.executable, "-m", "camtl", "train", "--bf16", "--fp16"], capture_output=True,
                           text=True, cwd=tmp_path, env=ENV)
-    assert done.returncode != 0 and "at most one of --bf16 and --fp16" in done.stderr
+    assert done.returncode == 2 and done.stderr == "camtl: error: choose at most one of --bf16 and --fp16\n"
+    assert not (tmp_path / "camtl-output").exists()
