@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates $VENV and installs camtl with its test and benchmark tools.
+# Creates $VENV and installs camtl with its test and benchmark tools and the demo's model.
 # - An importable torch (in $PYTHON) is reused: the venv then sees system site-packages.
 # - With no torch and no GPU, the CPU build torch==2.13.0 is installed first, so that
 #   nothing pulls a multi-GB CUDA build by accident. CAMTL_TORCH_SPEC overrides the choice.
@@ -26,6 +26,6 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   echo "bootstrap: installing $spec"
   "$VPY" -m pip install --disable-pip-version-check -q "$spec"
 fi
-echo "bootstrap: installing camtl (editable) with test extras"
-"$VPY" -m pip install --disable-pip-version-check -q -e ".[test]"
+echo "bootstrap: installing camtl (editable) with the test and demo extras"
+"$VPY" -m pip install --disable-pip-version-check -q -e ".[test,demo]"
 "$VPY" -c "import torch, camtl; print(f'bootstrap: camtl {camtl.__version__} on torch {torch.__version__}')"
