@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -325,15 +324,8 @@ def _training_arguments(args, demo: bool):
         gradient_accumulation_steps=args.gradient_accumulation_steps, warmup_proportion=args.warmup_proportion,
         seed=args.seed, bf16=args.bf16, fp16=args.fp16, sampling=sampling,
         mt_uncertainty_published=args.mt_uncertainty_published, freeze_encoder_layers=args.freeze_encoder_layers,
-        logging_steps=args.logging_steps, eval_steps=args.eval_steps, save_steps=args.save_steps)
-    # Options a Trainer may lack (they came later): passed where it has them; asked for where it does not, an error.
-    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    for name, value, default in (("save_total_limit", args.save_total_limit, 2),
-                                 ("skip_nonfinite_steps", args.skip_nonfinite_steps, False)):
-        if name in fields:
-            kwargs[name] = value
-        elif value != default:
-            raise CliError(f"--{name}: this camtl's TrainingArguments has no {name}")
+        logging_steps=args.logging_steps, eval_steps=args.eval_steps, save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit, skip_nonfinite_steps=args.skip_nonfinite_steps)
     with _user_errors():
         return TrainingArguments(**kwargs)
 
@@ -385,6 +377,7 @@ def _build_trainer(args, targs, demo: bool, model_path: str):
     from camtl.data import DynamicPaddingCollator, MultiTaskDataset, compute_metrics, eval_datasets, toy
     from camtl.models import CaMtl
     from camtl.models.encoders import CaMtlBaseEncoder, CaMtlLargeEncoder
+    from camtl.training import Trainer
 
     device = _setup(args)
     if demo:  # the embedded default: generated toy tasks, sized for a few CPU minutes
@@ -404,24 +397,12 @@ def _build_trainer(args, targs, demo: bool, model_path: str):
                   layout=args.layout)
     model.bert.load_state_dict(encoder.state_dict(), strict=True)
     model.to(device)
-    trainer_cls = _trainer_saving_run_files(tokenizer, specs)
-    trainer = trainer_cls(model, targs, train_set, DynamicPaddingCollator(tokenizer.pad_token_id, max_len),
-                          evals, lambda t, p, y: compute_metrics(specs[t], p, y), [s.name for s in specs])
+    # Checkpoints also hold the tokenizer and tasks.json: eval/predict take a checkpoint-N folder, of a
+    # finished run or of one still going (its output folder has them only at the end).
+    trainer = Trainer(model, targs, train_set, DynamicPaddingCollator(tokenizer.pad_token_id, max_len),
+                      evals, lambda t, p, y: compute_metrics(specs[t], p, y), [s.name for s in specs],
+                      save_extra=lambda path: _save_run_files(path, tokenizer, specs))
     return trainer, model, tokenizer, specs
-
-
-def _trainer_saving_run_files(tokenizer, specs):
-    """A Trainer whose checkpoints also hold the tokenizer and tasks.json: eval/predict take a checkpoint-N
-    folder, of a finished run or of one still going (its output folder has them only at the end)."""
-    from camtl.training import Trainer
-
-    class RunFilesTrainer(Trainer):
-        def save_checkpoint(self, path: str) -> None:
-            super().save_checkpoint(path)
-            if self.rank == 0:
-                _save_run_files(path, tokenizer, specs)
-
-    return RunFilesTrainer
 
 
 def _save_run_files(output_dir: str, tokenizer, specs) -> None:

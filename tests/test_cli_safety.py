@@ -3,7 +3,6 @@
 In-process (``camtl.cli.main``) with a tiny model: fast, no training.
 """
 
-import dataclasses
 import io
 import json
 import sys
@@ -275,34 +274,6 @@ def test_save_total_limit_and_skip_nonfinite_steps_reach_training_arguments(tmp_
     assert defaults.save_total_limit == 2 and defaults.skip_nonfinite_steps is False
 
 
-def test_options_an_older_trainer_lacks_are_an_error_only_when_asked_for(monkeypatch, tmp_path):
-    @dataclasses.dataclass
-    class OlderArguments:  # TrainingArguments before save_total_limit and skip_nonfinite_steps
-        output_dir: str = "x"
-        learning_rate: float = 2e-5
-        num_train_epochs: float = 3.0
-        max_steps: int = 0
-        per_device_train_batch_size: int = 32
-        per_device_eval_batch_size: int = 64
-        gradient_accumulation_steps: int = 1
-        warmup_proportion: float = 0.1
-        seed: int = 42
-        bf16: bool = False
-        fp16: bool = False
-        sampling: str = "proportional"
-        mt_uncertainty_published: bool = False
-        freeze_encoder_layers: str = None
-        logging_steps: int = 10
-        eval_steps: int = 0
-        save_steps: int = 0
-
-    monkeypatch.setattr(camtl.training, "TrainingArguments", OlderArguments)
-    assert isinstance(cli._training_arguments(cli._parser().parse_args(["train"]), demo=True), OlderArguments)
-    with pytest.raises(cli.CliError, match="--skip_nonfinite_steps"):
-        cli._training_arguments(cli._parser().parse_args(["train", "--skip_nonfinite_steps"]), demo=True)
-
-
-# ---- 6. info lists each backend's ops ---------------------------------------------------------------------------
 def test_info_text_lists_each_backends_ops():
     from camtl.info import info
 

@@ -13,7 +13,7 @@ import torch
 
 from camtl.training import (CheckpointError, MultiTaskBatchSampler, NonFiniteLossError, OutputDirInUseError,
                             Trainer, TrainingArguments, freeze_encoder_layers)
-from test_training import TASK_LABELS, ToyDataset, collate, tiny_model
+from test_training import ToyDataset, collate, tiny_model
 
 TASK_NAMES = ["rte", "sts-b", "mnli"]  # task 1 is the regression task
 

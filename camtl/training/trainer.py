@@ -199,11 +199,13 @@ class Trainer:
         eval_datasets: name -> (task index, dataset) for evaluation.
         compute_metrics: (task index, predictions, labels) -> dict of metrics.
         task_names: the tasks' names (for logs and the published STS-B/MRPC quirk).
+        save_extra: called with a checkpoint's folder before it is renamed into place, to add files of
+            the caller's (the CLI adds the tokenizer and tasks.json); rank 0 only.
     """
 
     def __init__(self, model, args: TrainingArguments, train_dataset, collate: Callable,
                  eval_datasets: Optional[Dict[str, tuple]] = None, compute_metrics: Optional[Callable] = None,
-                 task_names: Optional[Sequence[str]] = None):
+                 task_names: Optional[Sequence[str]] = None, save_extra: Optional[Callable[[str], None]] = None):
         args.__post_init__()  # fields may have been changed since it was built
         self.args = args
         self.rank, self.world = _world()
@@ -226,6 +228,7 @@ class Trainer:
             self.eval_datasets[name] = (task, dataset)
         self.compute_metrics = compute_metrics
         self.task_names = list(task_names or [])
+        self.save_extra = save_extra
         global_batch = args.per_device_train_batch_size * self.world
         self.sampler = MultiTaskBatchSampler(train_dataset.task_indices, global_batch, args.sampling, seed=args.seed)
         steps_per_epoch = math.ceil(len(self.sampler) / args.gradient_accumulation_steps)
@@ -520,6 +523,8 @@ class Trainer:
             os.makedirs(partial)
             self.model.save_pretrained(partial)
             torch.save(self._trainer_state(), os.path.join(partial, "trainer_state.pt"))
+            if self.save_extra is not None:
+                self.save_extra(partial)
         except BaseException as exc:
             shutil.rmtree(partial, ignore_errors=True)
             if isinstance(exc, OSError):
