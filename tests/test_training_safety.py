@@ -288,6 +288,23 @@ def test_a_failed_model_save_names_the_checkpoint_and_leaves_no_partial(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-1"]
 
 
+def test_a_full_disk_in_torch_save_names_the_checkpoint_and_leaves_no_partial(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.train()
+    path = tmp_path / "checkpoint-1"
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+
+    def full_disk(obj, f, *args, **kwargs):  # what torch.save raises when the disk fills up
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=f"writing the checkpoint {re.escape(str(path))} failed .*file write failed"):
+        trainer.save_checkpoint(str(path))
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-1"]
+
+
 # ---- 6. one run per output folder -------------------------------------------------------------------------
 
 def test_a_second_trainer_on_the_same_output_dir_is_refused(tmp_path):

@@ -527,9 +527,11 @@ class Trainer:
                 self.save_extra(partial)
         except BaseException as exc:
             shutil.rmtree(partial, ignore_errors=True)
-            if isinstance(exc, OSError):
-                raise OSError(exc.errno, f"writing the checkpoint {path} failed ({exc.strerror or exc}); "
-                                         "the previous checkpoint is left as it was") from exc
+            # torch.save reports a full disk as a RuntimeError ("enforce fail at inline_container.cc").
+            if isinstance(exc, (OSError, RuntimeError)):
+                raise OSError(getattr(exc, "errno", None), f"writing the checkpoint {path} failed "
+                              f"({getattr(exc, 'strerror', None) or exc}); the previous checkpoint is left "
+                              "as it was") from exc
             raise
         if os.path.exists(path):
             os.replace(path, old)
