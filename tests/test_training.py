@@ -195,6 +195,79 @@ def test_one_sgd_step_follows_the_mean_over_tasks_of_each_task_mean(tmp_path, mo
     assert moved > 50
 
 
+def _optimizer_step_spy(trainer):
+    """Records, at each optimizer step, the learning rate and a copy of every trainable gradient."""
+    seen = []
+
+    def record(optimizer, args, kwargs):
+        seen.append((optimizer.param_groups[0]["lr"],
+                     {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}))
+
+    trainer.optimizer.register_step_pre_hook(record)
+    return seen
+
+
+def test_learning_rate_warms_up_then_decays_linearly(tmp_path):
+    """Step s (from 0) trains at lr·(s+1)/W for s < W, then lr·(T-s)/(T-W): W = int(warmup_proportion·T)."""
+    lr, total, warmup = 1e-3, 10, 3
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=total, warmup_proportion=0.3,
+                             per_device_train_batch_size=4, progress=False, learning_rate=lr)
+    trainer = Trainer(tiny_model(), args, ToyDataset(), collate)
+    seen = _optimizer_step_spy(trainer)
+    for _ in range(total):
+        trainer.train_step()
+    expected = [lr * ((s + 1) / warmup if s < warmup else (total - s) / (total - warmup)) for s in range(total)]
+    np.testing.assert_allclose([rate for rate, _ in seen], expected, rtol=1e-12)
+
+
+def test_gradients_are_clipped_to_max_grad_norm(tmp_path):
+    max_norm = 1e-3
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, progress=False,
+                             max_grad_norm=max_norm)
+    trainer = Trainer(tiny_model(), args, ToyDataset(), collate)
+    seen = _optimizer_step_spy(trainer)
+    for _ in range(2):
+        logs = trainer.train_step()
+        assert logs["grad_norm"] > 10 * max_norm  # the norm before clipping: clipping has work to do
+    for _, grads in seen:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
+        assert abs(norm.item() - max_norm) <= 1e-4 * max_norm  # clip_grad_norm_ divides by norm + 1e-6
+
+
+def test_accumulated_gradient_is_the_mean_of_the_micro_batches(tmp_path):
+    """With gradient_accumulation_steps=k, the step's gradient is the mean of the k micro-batches' loss gradients."""
+    model = tiny_model(dropout=0.0).double()
+    initial = copy.deepcopy(model)
+    dataset = ToyDataset()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, progress=False,
+                             gradient_accumulation_steps=3, max_grad_norm=0.0)
+    trainer = Trainer(model, args, dataset, collate)
+    drawn = []
+    real_micro_step = trainer._micro_step
+
+    def micro_step(indices, scale):
+        drawn.append(list(indices))
+        return real_micro_step(indices, scale)
+
+    trainer._micro_step = micro_step
+    seen = _optimizer_step_spy(trainer)
+    trainer.train_step()
+    assert len(drawn) == 3 and len(seen) == 1
+
+    initial.train()
+    expected = {n: torch.zeros_like(p) for n, p in initial.named_parameters()}
+    for indices in drawn:
+        initial.zero_grad()
+        initial(**collate([dataset[i] for i in indices])).loss.backward()
+        for n, p in initial.named_parameters():
+            if p.grad is not None:
+                expected[n] += p.grad / 3
+    grads = seen[0][1]
+    assert len(grads) > 50
+    for n, g in grads.items():
+        torch.testing.assert_close(g, expected[n], rtol=1e-9, atol=1e-12, msg=n)
+
+
 # ---- freezing, resume, DDP -------------------------------------------------------------------------------------
 
 def test_freeze_keeps_conditional_modules_trainable(tmp_path):

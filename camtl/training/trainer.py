@@ -302,9 +302,8 @@ class Trainer:
     def _tasks_with_nonfinite_examples(self, logits, batch, task_loss, present) -> set:
         """The tasks having an example with a non-finite logit (of its classes) or label, on any process.
 
-        The model sums each task's losses in one matmul, so one example's NaN reaches every task's sum;
-        this names the task it came from. When no example shows it (an overflow inside the loss),
-        every task whose loss is not finite.
+        An example's non-finite logit or label names its task directly. When no example shows it (an
+        overflow inside the loss), every task whose loss is not finite.
         """
         T = len(self.model.task_num_labels)
         task_id = batch["task_id"]
