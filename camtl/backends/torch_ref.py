@@ -104,6 +104,38 @@ def conditional_attention(
     return out, (probs.to(q.dtype) if return_probs else None)
 
 
+def conditional_attention_varlen(
+    q, k, v, cu_seqlens, max_seqlen, table, index=None, dropout_p=0.0, scale=None,
+    head_mask=None, return_probs=False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """conditional_attention on packed sequences: q, k [N, H, d], v [N, H, dv], cu_seqlens [S+1].
+
+    Vectorized, no loop over sequences: the tokens are scattered into [S, H, max_seqlen, ·] (max_seqlen
+    >= the longest sequence), the padded reference runs with a key padding mask, and the real tokens
+    are gathered back. Sequence s gets the top-left Ls×Ls corner of its task's bias (positions counted
+    from its start) and attends to its own tokens only. probs, when asked, are [S, H, max_seqlen,
+    max_seqlen], zero outside each sequence's Ls×Ls corner.
+    """
+    N, H = q.shape[:2]
+    S = cu_seqlens.shape[0] - 1
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    seq_of_token = torch.repeat_interleave(torch.arange(S, device=q.device), lengths, output_size=N)
+    pos_of_token = torch.arange(N, device=q.device) - cu[:-1].index_select(0, seq_of_token)
+
+    def to_padded(t):  # [N, H, x] -> [S, H, max_seqlen, x]
+        padded = t.new_zeros((S, max_seqlen) + tuple(t.shape[1:]))
+        return padded.index_put((seq_of_token, pos_of_token), t).transpose(1, 2)
+
+    key_keep = torch.arange(max_seqlen, device=q.device)[None, :] < lengths[:, None]  # [S, max_seqlen]
+    out, probs = conditional_attention(to_padded(q), to_padded(k), to_padded(v), table, index, key_keep,
+                                       dropout_p, scale, head_mask, return_probs)
+    out = out.transpose(1, 2)[seq_of_token, pos_of_token]  # [N, H, dv]
+    if probs is not None:  # the padded query rows attend too: zero them, so probs hold real rows only
+        probs = probs * key_keep[:, None, :, None].to(probs.dtype)
+    return out, probs
+
+
 def conditional_layer_norm(x, weight, bias, gamma, beta, index=None, eps=1e-5, residual=None):
     """LayerNorm(x + residual) whose scale is task-conditioned.
 

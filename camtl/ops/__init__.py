@@ -15,6 +15,16 @@ Rules every backend follows (each op's docstring gives its part):
 - task indices are int64 / int32 tensors (bool is refused);
 - double backward runs on the torch backend only (the kernels raise a clear error).
 Inputs are not checked for NaN / inf (that would need a host sync per call).
+
+Packed (padding-free) input, S sequences end to end, N tokens in all
+(DESIGN.md §8): the token-wise ops take a per-token task index
+``token_index = index.repeat_interleave(lengths)`` [N] and treat each token as
+one example:
+- conditional_layer_norm(x [N, D], ..., token_index) directly;
+- film and film_linear on the view ``x.unsqueeze(1)`` [N, 1, D] (a 2-D x is
+  film's shared [L, D] form, not a packed one), output [N, 1, ·];
+- conditional_attention(q, k, v [N, H, d], table, index [S],
+  cu_seqlens=cu_seqlens) needs the boundaries (torch backend for now).
 """
 
 from camtl.ops._checks import index_read_once

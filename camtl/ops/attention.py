@@ -69,7 +69,7 @@ def conditional_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
     index: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None, *,
     dropout_p: float = 0.0, scale: Optional[float] = None, head_mask: Optional[torch.Tensor] = None,
-    return_probs: bool = False,
+    return_probs: bool = False, cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """softmax(q kᵀ · scale + M(table, index) + attn_mask) · v, non-causal.
 
@@ -88,6 +88,18 @@ def conditional_attention(
         head_mask: None or a float tensor broadcastable to [B, H, L, L] that
             multiplies the probabilities (the published head_mask).
         return_probs: also return the probabilities [B, H, L, L].
+        cu_seqlens, max_seqlen: packed (varlen) input, as flash-attn's varlen
+            functions take it: q, k [N, H, d] and v [N, H, dv] hold S
+            sequences end to end, cu_seqlens int32 / int64 [S+1] their
+            boundaries (0, strictly increasing, N) and index [S] their tasks.
+            Sequence s gets the top-left Ls×Ls corner of its task's bias
+            (positions counted from its start) and never attends across a
+            boundary. max_seqlen (optional) is an upper bound on the
+            longest sequence, checked. No attn_mask (there is no padding);
+            head_mask broadcasts to [S, H, Lmax, Lmax] and probs are
+            [S, H, Lmax, Lmax] (Lmax = the longest sequence), zero outside
+            each sequence's Ls×Ls corner. The torch backend only for now: a named
+            triton / cuda backend raises BackendUnavailableError, auto runs torch.
     With return_probs or head_mask, the torch reference runs whatever the
     backend: only it forms the probabilities.
 
@@ -100,10 +112,13 @@ def conditional_attention(
     L = 0 gives an empty result; d = 0 is refused. Double backward runs on
     the torch backend only.
     Returns:
-        out [B, H, L, dv], or (out, probs) with return_probs.
+        out [B, H, L, dv] ([N, H, dv] packed), or (out, probs) with return_probs.
     """
     op = "camtl.ops.conditional_attention"
     q, k, v, table = _checks.autocast_inputs("lower", q, k, v, table)
+    if cu_seqlens is not None or max_seqlen is not None:
+        return _conditional_attention_varlen(op, q, k, v, table, index, attn_mask, dropout_p, scale, head_mask,
+                                             return_probs, cu_seqlens, max_seqlen)
     for name, t in (("q", q), ("k", k), ("v", v)):
         _checks.tensor(op, name, t, (4,), "[B, H, L, d]")
         if name != "q":
@@ -137,6 +152,90 @@ def conditional_attention(
         _, fn = resolve("conditional_attention", q.device, _unsupported_by_kernels(q, v, attn_mask))
     out, probs = fn(q, k, v, table, index, attn_mask, dropout_p, scale, head_mask, return_probs)
     return (out, probs) if return_probs else out
+
+
+_VARLEN_KERNEL_MISSING = "the varlen (cu_seqlens) Triton kernel is not implemented yet (issue 11)"
+
+
+def _conditional_attention_varlen(op, q, k, v, table, index, attn_mask, dropout_p, scale, head_mask, return_probs,
+                                  cu_seqlens, max_seqlen):
+    """The packed form of conditional_attention: checks, then the torch reference (no varlen kernel yet)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _checks.tensor(op, name, t, (3,), "[N, H, d] (packed input: cu_seqlens is given)")
+        if name != "q":
+            _checks.like(op, name, t, q, "q")
+            same = t.shape == q.shape if name == "k" else t.shape[:2] == q.shape[:2]
+            if not same:
+                want = _checks.shape_str(q.shape) if name == "k" else _checks.shape_str(q.shape[:2]) + " + [dv]"
+                raise ValueError(f"{op}: argument '{name}' must have shape {want} (like q, packed [N, H, d]), "
+                                 f"got {_checks.shape_str(t.shape)}")
+    N, H, d = q.shape
+    if d == 0:
+        raise ValueError(f"{op}: argument 'q' must have a head dim d >= 1 (the scores are scaled by 1/sqrt(d)), "
+                         f"got shape {_checks.shape_str(q.shape)}")
+    lengths = _check_cu_seqlens(op, cu_seqlens, N, q.device)
+    S = len(lengths)
+    longest = max(lengths, default=0)
+    if max_seqlen is not None:
+        if not isinstance(max_seqlen, numbers.Integral) or isinstance(max_seqlen, bool):
+            raise TypeError(f"{op}: argument 'max_seqlen' must be an int or None, got {type(max_seqlen).__name__}")
+        if max_seqlen < longest:
+            raise ValueError(f"{op}: argument 'max_seqlen'={max_seqlen} is less than the longest sequence in "
+                             f"'cu_seqlens' ({longest} tokens); it must be an upper bound")
+    _checks.tensor(op, "table", table, (3,), "[G, L_max, c]")
+    if longest > table.shape[1]:
+        seq = lengths.index(longest)
+        raise ValueError(f"{op}: sequence {seq} in 'cu_seqlens' has {longest} tokens, more than max_seq_length="
+                         f"{table.shape[1]} (dim 1 of 'table' {_checks.shape_str(table.shape)}); truncate it")
+    width = longest  # the reference pads to the longest sequence: max_seqlen is only a checked bound
+    if isinstance(index, torch.Tensor) and (index.dim() != 1 or index.shape[0] != S):
+        raise ValueError(f"{op}: argument 'index' must have shape [S]=[{S}] (one task per sequence, S = "
+                         f"len(cu_seqlens) - 1), got {_checks.shape_str(index.shape)}")
+    _check_table(op, table, index, S, width, q, "q")
+    if attn_mask is not None:
+        raise ValueError(f"{op}: argument 'attn_mask' must be None with packed input (cu_seqlens): packed "
+                         f"sequences have no padding, and attention never crosses a sequence boundary")
+    if head_mask is not None:
+        if not isinstance(head_mask, torch.Tensor) or not head_mask.is_floating_point():
+            raise TypeError(f"{op}: argument 'head_mask' must be a float tensor broadcastable to [S, H, Lmax, Lmax]")
+        try:
+            torch.broadcast_shapes(head_mask.shape, (S, H, width, width))
+        except RuntimeError:
+            raise ValueError(f"{op}: argument 'head_mask' must broadcast to [S, H, Lmax, Lmax]=[{S}, {H}, {width}, "
+                             f"{width}], got {_checks.shape_str(head_mask.shape)}") from None
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: argument 'dropout_p' must be in [0, 1), got {dropout_p}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"{op}: argument 'scale' must be a finite float or None, got {scale}")
+    resolve("conditional_attention", q.device, _VARLEN_KERNEL_MISSING)  # raises for a named kernel backend
+    out, probs = torch_ref.conditional_attention_varlen(q, k, v, cu_seqlens, width, table, index, dropout_p, scale,
+                                                        head_mask, return_probs)
+    return (out, probs) if return_probs else out
+
+
+def _check_cu_seqlens(op: str, cu_seqlens, N: int, device: torch.device) -> list:
+    """Checks the packing (one host read of cu_seqlens); returns the sequence lengths."""
+    want = "an int32 or int64 tensor [S+1] of sequence boundaries: 0, strictly increasing, ending at N"
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{op}: argument 'cu_seqlens' must be {want}, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: argument 'cu_seqlens' must be {want}, got dtype {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+        raise ValueError(f"{op}: argument 'cu_seqlens' must be {want}, got shape {_checks.shape_str(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"{op}: argument 'cu_seqlens' is on {cu_seqlens.device} but q is on {device}")
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0:
+        raise ValueError(f"{op}: argument 'cu_seqlens' must start at 0, got {bounds[0]} ({want})")
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    for seq, length in enumerate(lengths):
+        if length <= 0:
+            raise ValueError(f"{op}: argument 'cu_seqlens' must be strictly increasing (every sequence has >= 1 "
+                             f"token), but sequence {seq} spans [{bounds[seq]}, {bounds[seq + 1]})")
+    if bounds[-1] != N:
+        raise ValueError(f"{op}: argument 'cu_seqlens' must end at N={N} (dim 0 of q, the packed tokens), "
+                         f"got {bounds[-1]}")
+    return lengths
 
 
 def _check_attn_mask(op: str, attn_mask, B: int, H: int, L: int, device: torch.device) -> Optional[torch.Tensor]:
