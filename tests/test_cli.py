@@ -123,7 +123,10 @@ def test_same_seed_same_run(trained):
 def signal_after_step_2(command, out, signum, cwd):
     """Runs ``command`` (which trains into ``out``, logging every step), sends ``signum`` once step 2 is logged;
     returns (its exit code, its stderr) once it has ended."""
-    run = subprocess.Popen(command, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A test run started in the background (bash without job control) inherits SIGINT ignored, which camtl
+    # rightly leaves alone; the child starts with the default action, as under a terminal.
+    run = subprocess.Popen(command, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signum, signal.SIG_DFL))
     log, deadline = out / "log.jsonl", time.time() + 300
     while not (log.exists() and '"step": 2,' in log.read_text()):
         assert run.poll() is None and time.time() < deadline, "the run ended or stalled before step 2"
