@@ -315,10 +315,17 @@ class ConditionalSelfAttention(nn.Module):
         return attention_mask
 
     def forward(self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None,
-                encoder_attention_mask=None, task_embedding=None, task_id=None, output_attentions=None):
+                encoder_attention_mask=None, task_embedding=None, task_id=None, output_attentions=None,
+                cu_seqlens=None, max_seqlen=None):
         """Extensions: with ``task_id`` [B], task_embedding is one row per task [T, D];
-        ``output_attentions`` overrides config.output_attentions for this call."""
+        ``output_attentions`` overrides config.output_attentions for this call.
+        Packed input (``cu_seqlens`` [S+1], optional ``max_seqlen``; DESIGN.md §8): hidden_states [N, D]
+        holds S sequences end to end, task_id [S] (one per sequence), no attention_mask; returns
+        (context [N, D],) or (context, probs [S, H, Lmax, Lmax])."""
         output_attentions = self.output_attentions if output_attentions is None else output_attentions
+        if cu_seqlens is not None or max_seqlen is not None:
+            return self._forward_packed(hidden_states, attention_mask, head_mask, encoder_hidden_states,
+                                        task_embedding, task_id, output_attentions, cu_seqlens, max_seqlen)
         name = type(self).__name__
         hidden = self.query.in_features
         weight = self.query.weight
@@ -351,6 +358,45 @@ class ConditionalSelfAttention(nn.Module):
         )
         context, probs = result if output_attentions else (result, None)
         context = context.permute(0, 2, 1, 3).reshape(B, L, self.all_head_size)
+        return (context, probs) if output_attentions else (context,)
+
+    def _forward_packed(self, hidden_states, attention_mask, head_mask, encoder_hidden_states, task_embedding,
+                        task_id, output_attentions, cu_seqlens, max_seqlen):
+        """The packed path of forward: attention within each sequence of cu_seqlens."""
+        name = type(self).__name__
+        hidden = self.query.in_features
+        weight = self.query.weight
+        if cu_seqlens is None:
+            raise ValueError(f"{name}: 'max_seqlen' was given without 'cu_seqlens' [S+1] (packed input needs both "
+                             f"or cu_seqlens alone)")
+        _check_input(name, "hidden_states", hidden_states, f"[N, {hidden}] (packed)", (2,), hidden, weight)
+        if attention_mask is not None:
+            raise ValueError(f"{name}: 'attention_mask' must be None with packed input (cu_seqlens): "
+                             f"packed sequences have no padding")
+        if encoder_hidden_states is not None:
+            raise ValueError(f"{name}: 'encoder_hidden_states' is not supported with packed input (cu_seqlens)")
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
+            raise ValueError(f"{name}: 'cu_seqlens' must be an int32 tensor of shape [S+1], got "
+                             f"{shape_str(cu_seqlens.shape) if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens!r}")
+        S = cu_seqlens.shape[0] - 1
+        if task_embedding is None:
+            raise ValueError(f"{name}: 'task_embedding' [S, {hidden}] is required (CA-MTL attention is conditional)")
+        _check_input(name, "task_embedding", task_embedding, f"[S={S}, {hidden}]", (2,), hidden, weight)
+        if task_id is not None:
+            _check_task_id(name, task_id, S)
+        elif task_embedding.shape[0] != S:
+            raise ValueError(f"{name}: 'task_embedding' has {task_embedding.shape[0]} rows but cu_seqlens holds "
+                             f"S={S} sequences")
+        N = hidden_states.shape[0]
+        heads = (self.num_attention_heads, self.attention_head_size)
+        query, key, value = (layer(hidden_states).view(N, *heads) for layer in (self.query, self.key, self.value))
+        table = self.cond_block_diag_attn.film_table(task_embedding, self.random_weight_matrix)
+        result = ops.conditional_attention(
+            query, key, value, table, task_id, dropout_p=self.dropout.p if self.training else 0.0,
+            head_mask=head_mask, return_probs=output_attentions, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+        )
+        context, probs = result if output_attentions else (result, None)
+        context = context.reshape(N, self.all_head_size)
         return (context, probs) if output_attentions else (context,)
 
 

@@ -204,11 +204,15 @@ class CaMtl(PreTrainedModel):
         return torch.stack(weights), torch.stack(biases)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, task_id=None,
-                labels=None, inputs_embeds=None, output_hidden_states=False, **kwargs) -> CaMtlOutput:
-        """labels: [B], class ids for classification tasks and scores for regression ones (any float dtype)."""
+                labels=None, inputs_embeds=None, output_hidden_states=False, cu_seqlens=None, max_seqlen=None,
+                **kwargs) -> CaMtlOutput:
+        """labels: [B], class ids for classification tasks and scores for regression ones (any float dtype).
+
+        Packed input (the encoder's forward says how): task_id and labels are [S], one per sequence; the
+        logits, entropy and loss are per sequence, sequence_output is [1, N, D]."""
         enc = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                         position_ids=position_ids, task_id=task_id, inputs_embeds=inputs_embeds,
-                        output_hidden_states=output_hidden_states)
+                        output_hidden_states=output_hidden_states, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         task_id = self.bert._check_task_id(task_id, enc.pooler_output.shape[0], enc.pooler_output.device)
         # All heads share the published dropout(0.1) of the pooled output; one gathered head per example.
         pooled = self.decoders[0].dropout(enc.pooler_output)

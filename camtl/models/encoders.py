@@ -24,7 +24,7 @@ import copy
 import os
 import re
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -132,6 +132,15 @@ class _Embeddings(nn.Module):
         return self.dropout(self.LayerNorm(out))
 
 
+class _Packing(NamedTuple):
+    """Packed input's sequences (DESIGN.md §8): the tokens run as [N, 1, D], one "example" each, with a
+    per-token task index; only the attention needs these boundaries."""
+
+    task_id: torch.Tensor  # [S] one task per sequence
+    cu_seqlens: torch.Tensor  # [S+1] int32 boundaries
+    max_seqlen: int  # the longest sequence
+
+
 class _SublayerOutput(nn.Module):
     """dense -> dropout -> LayerNorm(. + input), the LayerNorm plain or conditional (fused residual add)."""
 
@@ -171,9 +180,15 @@ class _Attention(nn.Module):
         self.self = ConditionalSelfAttention(config)
         self.output = _SublayerOutput(config, config.hidden_size, conditional_ln)
 
-    def forward(self, hidden_states, key_mask, tasks, task_id, output_attentions):
-        context, *probs = self.self(hidden_states, key_mask, task_embedding=tasks, task_id=task_id,
-                                    output_attentions=output_attentions)
+    def forward(self, hidden_states, key_mask, tasks, task_id, output_attentions, packing=None):
+        if packing is None:
+            context, *probs = self.self(hidden_states, key_mask, task_embedding=tasks, task_id=task_id,
+                                        output_attentions=output_attentions)
+        else:  # [N, 1, D] tokens: the attention runs on [N, D] within each sequence
+            context, *probs = self.self(hidden_states[:, 0], task_embedding=tasks, task_id=packing.task_id,
+                                        output_attentions=output_attentions, cu_seqlens=packing.cu_seqlens,
+                                        max_seqlen=packing.max_seqlen)
+            context = context[:, None]
         return self.output(context, hidden_states, tasks, task_id), (probs[0] if probs else None)
 
 
@@ -186,8 +201,9 @@ class _Layer(nn.Module):
         self.intermediate = _Intermediate(config)
         self.output = _SublayerOutput(config, config.intermediate_size, conditional_ln)
 
-    def forward(self, hidden_states, key_mask, tasks, task_id, output_attentions):
-        attention_output, probs = self.attention(hidden_states, key_mask, tasks, task_id, output_attentions)
+    def forward(self, hidden_states, key_mask, tasks, task_id, output_attentions, packing=None):
+        attention_output, probs = self.attention(hidden_states, key_mask, tasks, task_id, output_attentions,
+                                                 packing)
         out = self.output(self.intermediate(attention_output), attention_output, tasks, task_id)
         return out, probs
 
@@ -215,8 +231,9 @@ class _AdapterLayer(nn.Module):
         self.new_output = _SublayerOutput(config, config.intermediate_size, conditional=True)
         self.adapter = _Adapter(config)
 
-    def forward(self, hidden_states, key_mask, tasks, task_id, output_attentions):
-        attention_output, probs = self.new_attention(hidden_states, key_mask, tasks, task_id, output_attentions)
+    def forward(self, hidden_states, key_mask, tasks, task_id, output_attentions, packing=None):
+        attention_output, probs = self.new_attention(hidden_states, key_mask, tasks, task_id, output_attentions,
+                                                     packing)
         layer_output = self.new_output(self.new_intermediate(attention_output), attention_output, tasks, task_id)
         return self.adapter(attention_output, layer_output, tasks, task_id), probs
 
@@ -238,7 +255,9 @@ class _Encoder(nn.Module):
                                        + [_Layer(config, True) for _ in range(n - plain)])
             self.adapter_layer = nn.ModuleList([ConditionalBottleNeck(config) for _ in range(n)])
 
-    def forward(self, hidden_states, key_mask, tasks, task_id, output_hidden_states, output_attentions):
+    def forward(self, hidden_states, key_mask, tasks, task_id, output_hidden_states, output_attentions,
+                packing=None):
+        """Padded: hidden_states [B, L, D], task_id [B]. Packed: [N, 1, D], task_id the per-token index [N]."""
         tasks = self.task_transformation(tasks)  # z' for the attention, the CLNs and the bottlenecks
         all_hidden: List[torch.Tensor] = []
         all_probs: List[torch.Tensor] = []
@@ -246,7 +265,7 @@ class _Encoder(nn.Module):
         for i, layer in enumerate(self.layer):
             if output_hidden_states:
                 all_hidden.append(hidden_states)
-            hidden_states, probs = layer(hidden_states, key_mask, tasks, task_id, output_attentions)
+            hidden_states, probs = layer(hidden_states, key_mask, tasks, task_id, output_attentions, packing)
             if output_attentions:
                 all_probs.append(probs)
             if self.layout == "large":  # chained bottlenecks with a skip connection
@@ -399,29 +418,134 @@ class _CaMtlEncoder(PreTrainedModel):
     def set_input_embeddings(self, value):
         self.embeddings.word_embeddings = value
 
-    def _check_task_id(self, task_id, batch: int, device) -> torch.Tensor:
+    def _check_task_id(self, task_id, batch: int, device, what: str = "B", meaning: str = "example") \
+            -> torch.Tensor:
         name = type(self).__name__
         if task_id is None:
-            raise ValueError(f"{name}: task_id [B] is required (the task of each example)")
+            raise ValueError(f"{name}: task_id [{what}] is required (the task of each {meaning})")
         task_id = torch.as_tensor(task_id, device=device)
         if task_id.dim() == 0:
             task_id = task_id.expand(batch)
         if task_id.dim() != 1 or task_id.shape[0] != batch or task_id.is_floating_point() \
                 or task_id.dtype == torch.bool:
-            raise ValueError(f"{name}: task_id must be an integer tensor of shape [B={batch}], "
-                             f"got {tuple(task_id.shape)} {task_id.dtype}")
+            raise ValueError(f"{name}: task_id must be an integer tensor of shape [{what}={batch}] (one per "
+                             f"{meaning}), got {tuple(task_id.shape)} {task_id.dtype}")
         return task_id.long()
+
+    @staticmethod
+    def _is_packed(input_ids, inputs_embeds, position_ids, task_id, cu_seqlens, max_seqlen) -> bool:
+        """Packed input: cu_seqlens / max_seqlen given, 1-D input_ids ([N]), or one row [1, N] with
+        position_ids restarting at 0 or several task ids (a padded batch of one has one task)."""
+        if cu_seqlens is not None or max_seqlen is not None:
+            return True
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        if tokens.dim() == (1 if input_ids is not None else 2):
+            return True
+        if tokens.dim() != (2 if input_ids is not None else 3) or tokens.shape[0] != 1:
+            return False
+        if task_id is not None and not isinstance(task_id, (int, float)) and torch.as_tensor(task_id).dim() == 1 \
+                and len(task_id) > 1:
+            return True
+        return isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 \
+            and tuple(position_ids.shape) == tuple(tokens.shape[:2]) and bool((position_ids[0, 1:] == 0).any())
+
+    def _packing(self, N: int, device, attention_mask, position_ids, token_type_ids, task_id, cu_seqlens,
+                 max_seqlen):
+        """Checks packed input; returns (_Packing, per-token task index [N], position_ids [N],
+        token_type_ids [N] or None)."""
+        name = type(self).__name__
+        if attention_mask is not None:
+            raise ValueError(f"{name}: attention_mask must be None with packed input (position_ids restarting "
+                             f"at 0 or cu_seqlens): packed sequences have no padding")
+        if N == 0:
+            raise ValueError(f"{name}: packed input_ids must be [1, N] or [N] with N >= 1 tokens, got N=0")
+
+        def flat(arg, value):
+            if value is None:
+                return None
+            value = torch.as_tensor(value, device=device)
+            if tuple(value.shape) not in ((1, N), (N,)) or value.is_floating_point() or value.dtype == torch.bool:
+                raise ValueError(f"{name}: packed {arg} must be an integer tensor [1, N={N}] or [N], got "
+                                 f"{tuple(value.shape)} {value.dtype}")
+            return value.reshape(N).long()
+
+        position_ids, token_type_ids = flat("position_ids", position_ids), flat("token_type_ids", token_type_ids)
+        if cu_seqlens is not None:
+            if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2 \
+                    or cu_seqlens.dtype not in (torch.int32, torch.int64):
+                got = (f"{tuple(cu_seqlens.shape)} {cu_seqlens.dtype}" if isinstance(cu_seqlens, torch.Tensor)
+                       else type(cu_seqlens).__name__)
+                raise ValueError(f"{name}: cu_seqlens must be an int32 tensor [S+1] (S >= 1 sequences), got {got}")
+            cu = cu_seqlens.to(device=device, dtype=torch.int64)
+            if int(cu[0]) != 0 or int(cu[-1]) != N or bool((cu[1:] <= cu[:-1]).any()):
+                raise ValueError(f"{name}: cu_seqlens must start at 0, strictly increase and end at N={N} (the "
+                                 f"number of tokens), got {cu.tolist()}")
+            starts = torch.zeros(N, dtype=torch.bool, device=device)
+            starts[cu[:-1]] = True
+        else:
+            if position_ids is None:
+                raise ValueError(f"{name}: packed input needs position_ids [1, N] restarting at 0 for each "
+                                 f"sequence, or cu_seqlens [S+1]")
+            starts = position_ids == 0
+            cu = torch.cat([starts.nonzero()[:, 0], torch.tensor([N], device=device)])
+        # Counted from each sequence's start: 0, 1, 2, ... (a prefix max of the start indices).
+        start_of = torch.cummax(torch.where(starts, torch.arange(N, device=device), 0), 0).values
+        counted = torch.arange(N, device=device) - start_of
+        if position_ids is not None and not torch.equal(position_ids, counted):
+            bad = int((position_ids != counted).nonzero()[0, 0])
+            source = "the sequences of cu_seqlens" if cu_seqlens is not None else "restarting at 0"
+            raise ValueError(f"{name}: position_ids must count 0, 1, 2, ... within each sequence ({source}); "
+                             f"token {bad} has position {int(position_ids[bad])}, expected {int(counted[bad])}")
+        lengths = cu.diff()
+        longest = int(lengths.max())
+        if longest > self.config.max_seq_length:
+            s = int(lengths.argmax())
+            raise ValueError(f"{name}: packed sequence {s} has {longest} tokens, more than max_seq_length="
+                             f"{self.config.max_seq_length}; truncate it")
+        if max_seqlen is not None and (not isinstance(max_seqlen, int) or max_seqlen < longest):
+            raise ValueError(f"{name}: max_seqlen must be an int >= the longest sequence ({longest}), "
+                             f"got {max_seqlen!r}")
+        S = cu.shape[0] - 1
+        task_id = self._check_task_id(task_id, S, device, what="S", meaning="packed sequence")
+        token_index = task_id.repeat_interleave(lengths, output_size=N)
+        packing = _Packing(task_id, cu.to(torch.int32), longest)
+        return packing, token_index, counted, token_type_ids
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, task_id=None,
                 inputs_embeds=None, output_hidden_states=False, output_attentions=False, return_dict=True,
-                **kwargs) -> BaseModelOutputWithPooling:
+                cu_seqlens=None, max_seqlen=None, **kwargs) -> BaseModelOutputWithPooling:
         """[0] the sequence output [B, L, D], [1] the pooled output [B, D]; ``.hidden_states`` when asked.
 
         L may be any batch length <= max_seq_length (dynamic padding).
+
+        Packed input (DESIGN.md §8, as HF's padding-free collator and flash-attn's varlen functions):
+        input_ids [1, N] or [N] (inputs_embeds [1, N, D] or [N, D]) holding S sequences end to end,
+        position_ids [1, N] restarting at 0 for each sequence and/or cu_seqlens int32 [S+1] (with an
+        optional max_seqlen), token_type_ids [1, N], task_id [S], no attention_mask. Returns
+        last_hidden_state [1, N, D], pooler_output [S, D] (each sequence's first token), hidden_states
+        [1, N, D] each and attentions [S, H, Lmax, Lmax] each; on every token what the padded model gives.
         """
         name = type(self).__name__
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError(f"{name}: give exactly one of input_ids and inputs_embeds")
+        packing = None
+        if self._is_packed(input_ids, inputs_embeds, position_ids, task_id, cu_seqlens, max_seqlen):
+            tokens = input_ids if input_ids is not None else inputs_embeds
+            rank = 1 if input_ids is not None else 2
+            if tokens.dim() not in (rank, rank + 1) or (tokens.dim() == rank + 1 and tokens.shape[0] != 1):
+                want = "input_ids [1, N] or [N]" if input_ids is not None else "inputs_embeds [1, N, D] or [N, D]"
+                raise ValueError(f"{name}: packed input must be {want}, got {tuple(tokens.shape)}")
+            N = tokens.shape[-1] if input_ids is not None else tokens.shape[-2]
+            packing, task_id, position_ids, token_type_ids = self._packing(
+                N, tokens.device, attention_mask, position_ids, token_type_ids, task_id, cu_seqlens, max_seqlen)
+            # Each token runs as one example [N, 1, ...] with its sequence's task (the token-wise ops).
+            if input_ids is not None:
+                input_ids = input_ids.reshape(N, 1)
+            else:
+                inputs_embeds = inputs_embeds.reshape(N, 1, inputs_embeds.shape[-1])
+            position_ids = position_ids[:, None]
+            token_type_ids = token_type_ids[:, None] if token_type_ids is not None else None
+            attention_mask = torch.ones(N, 1, device=tokens.device)
         shape = tuple(input_ids.shape) if input_ids is not None else tuple(inputs_embeds.shape[:2])
         if len(shape) != 2:
             raise ValueError(f"{name}: input_ids must be [B, L], got {shape}")
@@ -441,14 +565,22 @@ class _CaMtlEncoder(PreTrainedModel):
         dtype = self.task_type_embeddings.weight.dtype
         # The published additive mask, in its published [B, 1, 1, L] layout.
         key_mask = ((1.0 - attention_mask.to(dtype)) * -10000.0)[:, None, None, :]
+        if packing is not None:
+            key_mask = None  # no padding: the attention runs within each sequence
 
         tasks = self.task_type_embeddings.weight  # one row per task: every FiLM runs once per task
         hidden = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
-        with index_read_once(task_id):  # the ops check the task ids' range once, not once each
+        # The ops check the task ids' range once, not once each (packed: the sequences' ids too).
+        with index_read_once(task_id), index_read_once(packing.task_id if packing is not None else None):
             hidden = self.conditional_alignment(tasks, hidden, task_id=task_id)  # the raw task embedding z
             sequence_output, all_hidden, all_probs = self.encoder(hidden, key_mask, tasks, task_id,
-                                                                  output_hidden_states, output_attentions)
-        pooled_output = self.pooler(sequence_output)
+                                                                  output_hidden_states, output_attentions, packing)
+        if packing is None:
+            pooled_output = self.pooler(sequence_output)
+        else:  # each sequence's first token; the tokens back to [1, N, D]
+            pooled_output = self.pooler(sequence_output[packing.cu_seqlens[:-1].long()])
+            sequence_output = sequence_output.transpose(0, 1)
+            all_hidden = tuple(h.transpose(0, 1) for h in all_hidden) if all_hidden is not None else None
         out = BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=pooled_output,
                                          hidden_states=all_hidden, attentions=all_probs)
         return out if return_dict else out.to_tuple()
