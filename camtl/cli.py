@@ -133,6 +133,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                                                   "available, else cpu)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--fp16", action="store_true", help="float16 autocast, with loss scaling")
+    # Off by default until every backend's packed path is checked (issue 11): padded batches are the reference.
+    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=False,
+                   help="pack each batch's examples end to end, without padding (the same results on fewer "
+                        "tokens); --no-packing pads each batch to its longest example (default)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -374,7 +378,7 @@ def _train(args) -> int:
 def _build_trainer(args, targs, demo: bool, model_path: str):
     from transformers import AutoTokenizer, set_seed
 
-    from camtl.data import DynamicPaddingCollator, MultiTaskDataset, compute_metrics, eval_datasets, toy
+    from camtl.data import MultiTaskDataset, compute_metrics, eval_datasets, toy
     from camtl.models import CaMtl
     from camtl.models.encoders import CaMtlBaseEncoder, CaMtlLargeEncoder
     from camtl.training import Trainer
@@ -399,10 +403,17 @@ def _build_trainer(args, targs, demo: bool, model_path: str):
     model.to(device)
     # Checkpoints also hold the tokenizer and tasks.json: eval/predict take a checkpoint-N folder, of a
     # finished run or of one still going (its output folder has them only at the end).
-    trainer = Trainer(model, targs, train_set, DynamicPaddingCollator(tokenizer.pad_token_id, max_len),
+    trainer = Trainer(model, targs, train_set, _collator(args, tokenizer, max_len),
                       evals, lambda t, p, y: compute_metrics(specs[t], p, y), [s.name for s in specs],
                       save_extra=lambda path: _save_run_files(path, tokenizer, specs))
     return trainer, model, tokenizer, specs
+
+
+def _collator(args, tokenizer, max_len: int):
+    """The batches' collator: packed (--packing) or padded to each batch's longest example."""
+    from camtl.data import DynamicPaddingCollator, PackingCollator
+
+    return PackingCollator(max_len) if args.packing else DynamicPaddingCollator(tokenizer.pad_token_id, max_len)
 
 
 def _save_run_files(output_dir: str, tokenizer, specs) -> None:
@@ -509,7 +520,6 @@ def _load_trained(args):
 def _load_model(args, folder, tokenizer_dir, specs, targs):
     from transformers import AutoTokenizer
 
-    from camtl.data import DynamicPaddingCollator
     from camtl.models import CaMtl
     from camtl.training import Trainer
 
@@ -530,7 +540,7 @@ def _load_model(args, folder, tokenizer_dir, specs, targs):
     class _Empty:  # no training set: the Trainer only predicts
         task_indices = [[0]]
 
-    trainer = Trainer(model, targs, _Empty(), DynamicPaddingCollator(tokenizer.pad_token_id, max_len))
+    trainer = Trainer(model, targs, _Empty(), _collator(args, tokenizer, max_len))
     return tokenizer, max_len, trainer
 
 

@@ -3,14 +3,15 @@ and the generated toy tasks (``camtl.data.toy``).
 
 - :mod:`camtl.data.tasks`: :class:`TaskSpec`, :data:`GLUE_TASKS`, :func:`glue_task`, :func:`check_safe_name`;
 - :mod:`camtl.data.dataset`: :func:`read_examples`, :func:`encode_examples`, :class:`MultiTaskDataset`,
-  :class:`DynamicPaddingCollator`;
+  :class:`DynamicPaddingCollator`, :class:`PackingCollator` (padding-free), :func:`split_by_token_budget`;
 - :mod:`camtl.data.metrics`: :func:`compute_metrics`;
 - :mod:`camtl.data.toy`: :func:`~camtl.data.toy.write`.
 """
 
 from camtl.data import toy
 from camtl.data.dataset import (DataFormatError, DynamicPaddingCollator, Encodings, Example, MultiTaskDataset,
-                                TaskSplit, encode_examples, eval_datasets, read_examples)
+                                PackingCollator, TaskSplit, encode_examples, eval_datasets, read_examples,
+                                split_by_token_budget)
 from camtl.data.metrics import compute_metric, compute_metrics
 from camtl.data.tasks import (GLUE_SUBMISSION_FILES, GLUE_TASKS, METRIC_NAMES, TaskSpec, TestLayout,
                               check_safe_name, glue_task, load_task_specs, save_task_specs)
@@ -19,6 +20,7 @@ __all__ = [
     "TaskSpec", "TestLayout", "GLUE_TASKS", "GLUE_SUBMISSION_FILES", "METRIC_NAMES", "glue_task",
     "load_task_specs", "save_task_specs", "check_safe_name",
     "Example", "DataFormatError", "read_examples", "encode_examples", "Encodings", "TaskSplit",
-    "MultiTaskDataset", "eval_datasets", "DynamicPaddingCollator",
+    "MultiTaskDataset", "eval_datasets", "DynamicPaddingCollator", "PackingCollator",
+    "split_by_token_budget",
     "compute_metrics", "compute_metric", "toy",
 ]

@@ -425,3 +425,76 @@ class DynamicPaddingCollator:
             batch["labels"] = torch.tensor(labels, dtype=torch.float32)
         return batch
 
+
+
+class PackingCollator:
+    """Pack a list of dataset items end to end into one row, without padding (DESIGN.md §8; as HF's
+    ``DataCollatorWithFlattening``). With S items of N tokens in all, the batch is::
+
+        {"input_ids": LongTensor[1, N], "token_type_ids": LongTensor[1, N],
+         "position_ids": LongTensor[1, N],   # 0, 1, 2, ... restarting at each item
+         "cu_seqlens": IntTensor[S+1],        # item s is tokens [cu_seqlens[s], cu_seqlens[s+1])
+         "max_seqlen": int,                   # the longest item
+         "task_id": LongTensor[S], "labels": FloatTensor[S]}   # labels absent for unlabeled (test) items
+
+    There is no ``attention_mask``: an item's ``attention_mask``, when it has one, must be all ones (packing
+    has no padding to mask). ``labels`` follows :class:`DynamicPaddingCollator` (float32, see the module
+    docstring). An item longer than ``max_seq_length`` is an error, as in the padded collator.
+    """
+
+    def __init__(self, max_seq_length: int):
+        self.max_seq_length = _positive_int(max_seq_length, "max_seq_length")
+
+    def __call__(self, items: Sequence[Dict]) -> Dict[str, Union[torch.Tensor, int]]:
+        if not items:
+            raise ValueError("empty batch")
+        lengths = np.array([len(it["input_ids"]) for it in items], dtype=np.int64)
+        for s, (it, n) in enumerate(zip(items, lengths)):
+            if n == 0:
+                raise ValueError(f"item {s} has no tokens (empty input_ids)")
+            if n > self.max_seq_length:
+                raise ValueError(f"item {s} has {n} tokens, more than max_seq_length={self.max_seq_length}")
+            if len(it["token_type_ids"]) != n:
+                raise ValueError(f"item {s}: input_ids and token_type_ids differ in length: {n}, "
+                                 f"{len(it['token_type_ids'])}")
+            mask = it.get("attention_mask")
+            if mask is not None and (len(mask) != n or not all(m == 1 for m in mask)):
+                raise ValueError(f"item {s}: attention_mask must be {n} ones (packed items have no padding), "
+                                 f"got {list(mask)}")
+        cu_seqlens = np.zeros(len(items) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=cu_seqlens[1:])
+        N = int(cu_seqlens[-1])
+        position_ids = np.arange(N, dtype=np.int64) - np.repeat(cu_seqlens[:-1], lengths)
+        input_ids = np.concatenate([np.asarray(it["input_ids"], dtype=np.int64) for it in items])
+        token_type_ids = np.concatenate([np.asarray(it["token_type_ids"], dtype=np.int64) for it in items])
+        batch = {"input_ids": torch.from_numpy(input_ids)[None],
+                 "token_type_ids": torch.from_numpy(token_type_ids)[None],
+                 "position_ids": torch.from_numpy(position_ids)[None],
+                 "cu_seqlens": torch.from_numpy(cu_seqlens.astype(np.int32)), "max_seqlen": int(lengths.max()),
+                 "task_id": torch.tensor([it["task_id"] for it in items], dtype=torch.long)}
+        labels = [it.get("label") for it in items]
+        has = [x is not None for x in labels]
+        if any(has) and not all(has):
+            raise ValueError("a batch mixes labeled and unlabeled items")
+        if all(has):
+            batch["labels"] = torch.tensor(labels, dtype=torch.float32)
+        return batch
+
+
+def split_by_token_budget(items: Sequence[Dict], max_tokens_per_batch: int) -> List[List[Dict]]:
+    """Consecutive runs of ``items``, in order, each holding at most ``max_tokens_per_batch`` tokens in all
+    (for :class:`PackingCollator`: one packed batch per run). A run closes when the next item would not fit;
+    an item longer than the budget alone is an error (it fits no batch)."""
+    budget = _positive_int(max_tokens_per_batch, "max_tokens_per_batch")
+    batches: List[List[Dict]] = []
+    tokens = budget  # no open batch: the first item opens one
+    for s, it in enumerate(items):
+        n = len(it["input_ids"])
+        if n > budget:
+            raise ValueError(f"item {s} has {n} tokens, more than max_tokens_per_batch={budget}")
+        if tokens + n > budget:
+            batches.append([])
+            tokens = 0
+        batches[-1].append(it)
+        tokens += n
+    return batches

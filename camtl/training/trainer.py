@@ -195,7 +195,9 @@ class Trainer:
         train_dataset: items are dicts with input_ids, token_type_ids, attention_mask, label, task_id;
             ``task_indices`` lists each task's item indices.
         collate: turns a list of items into a batch of tensors (input_ids, attention_mask,
-            token_type_ids, labels, task_id).
+            token_type_ids, labels, task_id), e.g. ``camtl.data.DynamicPaddingCollator``; or a packed
+            batch (``camtl.data.PackingCollator``: no attention_mask, position_ids, cu_seqlens, max_seqlen),
+            whose task_id, labels and the model's per-sequence outputs are [S], one per example.
         eval_datasets: name -> (task index, dataset) for evaluation.
         compute_metrics: (task index, predictions, labels) -> dict of metrics.
         task_names: the tasks' names (for logs and the published STS-B/MRPC quirk).
@@ -259,8 +261,9 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.args.bf16 else torch.float16)
         return contextlib.nullcontext()
 
-    def _to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        return {k: v.to(self.device) for k, v in batch.items()}
+    def _to_device(self, batch: Dict) -> Dict:
+        # A packed batch's max_seqlen is a plain int (the models take it as one).
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     # ---- one step ----------------------------------------------------------------------------------------------
     def _select(self, indices: List[int]) -> List[int]:
