@@ -372,6 +372,17 @@ def eval_datasets(specs: Sequence[TaskSpec], data_dir, tokenizer, max_seq_length
     return out
 
 
+def _with_labels(batch: Dict, items: Sequence[Dict]) -> Dict:
+    """Adds the items' labels as float32 [S] (class ids and scores alike); none for unlabeled (test) items."""
+    labels = [it.get("label") for it in items]
+    has = [x is not None for x in labels]
+    if any(has) and not all(has):
+        raise ValueError("a batch mixes labeled and unlabeled items")
+    if all(has):
+        batch["labels"] = torch.tensor(labels, dtype=torch.float32)
+    return batch
+
+
 class DynamicPaddingCollator:
     """Pad a list of dataset items to the batch's longest sequence (never beyond ``max_seq_length``).
 
@@ -417,13 +428,7 @@ class DynamicPaddingCollator:
         batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask),
                  "token_type_ids": torch.from_numpy(token_type_ids),
                  "task_id": torch.tensor([it["task_id"] for it in items], dtype=torch.long)}
-        labels = [it.get("label") for it in items]
-        has = [x is not None for x in labels]
-        if any(has) and not all(has):
-            raise ValueError("a batch mixes labeled and unlabeled items")
-        if all(has):
-            batch["labels"] = torch.tensor(labels, dtype=torch.float32)
-        return batch
+        return _with_labels(batch, items)
 
 
 
@@ -472,13 +477,7 @@ class PackingCollator:
                  "position_ids": torch.from_numpy(position_ids)[None],
                  "cu_seqlens": torch.from_numpy(cu_seqlens.astype(np.int32)), "max_seqlen": int(lengths.max()),
                  "task_id": torch.tensor([it["task_id"] for it in items], dtype=torch.long)}
-        labels = [it.get("label") for it in items]
-        has = [x is not None for x in labels]
-        if any(has) and not all(has):
-            raise ValueError("a batch mixes labeled and unlabeled items")
-        if all(has):
-            batch["labels"] = torch.tensor(labels, dtype=torch.float32)
-        return batch
+        return _with_labels(batch, items)
 
 
 def split_by_token_budget(items: Sequence[Dict], max_tokens_per_batch: int) -> List[List[Dict]]:

@@ -24,6 +24,21 @@ from camtl.ops import _checks
 from camtl.ops._reduce import per_task_sum
 
 
+def _check_head_mask_dropout_scale(op, head_mask, shape_name: str, shape: tuple, dropout_p: float, scale) -> None:
+    if head_mask is not None:
+        if not isinstance(head_mask, torch.Tensor) or not head_mask.is_floating_point():
+            raise TypeError(f"{op}: argument 'head_mask' must be a float tensor broadcastable to {shape_name}")
+        try:
+            torch.broadcast_shapes(head_mask.shape, shape)
+        except RuntimeError:
+            raise ValueError(f"{op}: argument 'head_mask' must broadcast to {shape_name}={list(shape)}, "
+                             f"got {_checks.shape_str(head_mask.shape)}") from None
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: argument 'dropout_p' must be in [0, 1), got {dropout_p}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"{op}: argument 'scale' must be a finite float or None, got {scale}")
+
+
 def _check_table(op: str, table: torch.Tensor, index: Optional[torch.Tensor], batch: int, seq_len: int,
                  like: torch.Tensor, like_name: str) -> None:
     _checks.tensor(op, "table", table, (3,), "[G, L_max, c]")
@@ -134,18 +149,7 @@ def conditional_attention(
                          f"got shape {_checks.shape_str(q.shape)}")
     _check_table(op, table, index, B, L, q, "q")
     attn_mask = _check_attn_mask(op, attn_mask, B, H, L, q.device)
-    if head_mask is not None:
-        if not isinstance(head_mask, torch.Tensor) or not head_mask.is_floating_point():
-            raise TypeError(f"{op}: argument 'head_mask' must be a float tensor broadcastable to [B, H, L, L]")
-        try:
-            torch.broadcast_shapes(head_mask.shape, (B, H, L, L))
-        except RuntimeError:
-            raise ValueError(f"{op}: argument 'head_mask' must broadcast to [B, H, L, L]=[{B}, {H}, {L}, {L}], "
-                             f"got {_checks.shape_str(head_mask.shape)}") from None
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{op}: argument 'dropout_p' must be in [0, 1), got {dropout_p}")
-    if scale is not None and not math.isfinite(scale):
-        raise ValueError(f"{op}: argument 'scale' must be a finite float or None, got {scale}")
+    _check_head_mask_dropout_scale(op, head_mask, "[B, H, L, L]", (B, H, L, L), dropout_p, scale)
     if return_probs or head_mask is not None:
         fn = torch_ref.conditional_attention  # documented: only the reference forms the probabilities
     else:
@@ -195,18 +199,7 @@ def _conditional_attention_varlen(op, q, k, v, table, index, attn_mask, dropout_
     if attn_mask is not None:
         raise ValueError(f"{op}: argument 'attn_mask' must be None with packed input (cu_seqlens): packed "
                          f"sequences have no padding, and attention never crosses a sequence boundary")
-    if head_mask is not None:
-        if not isinstance(head_mask, torch.Tensor) or not head_mask.is_floating_point():
-            raise TypeError(f"{op}: argument 'head_mask' must be a float tensor broadcastable to [S, H, Lmax, Lmax]")
-        try:
-            torch.broadcast_shapes(head_mask.shape, (S, H, width, width))
-        except RuntimeError:
-            raise ValueError(f"{op}: argument 'head_mask' must broadcast to [S, H, Lmax, Lmax]=[{S}, {H}, {width}, "
-                             f"{width}], got {_checks.shape_str(head_mask.shape)}") from None
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{op}: argument 'dropout_p' must be in [0, 1), got {dropout_p}")
-    if scale is not None and not math.isfinite(scale):
-        raise ValueError(f"{op}: argument 'scale' must be a finite float or None, got {scale}")
+    _check_head_mask_dropout_scale(op, head_mask, "[S, H, Lmax, Lmax]", (S, H, width, width), dropout_p, scale)
     resolve("conditional_attention", q.device, _VARLEN_KERNEL_MISSING)  # raises for a named kernel backend
     out, probs = torch_ref.conditional_attention_varlen(q, k, v, cu_seqlens, width, table, index, dropout_p, scale,
                                                         head_mask, return_probs)
