@@ -1,14 +1,17 @@
 # make test   - create .venv, install, run the CPU test suite (Triton kernels under the interpreter)
 # make bench  - create .venv, install, run the benchmarks on this machine's device
 # make mutate - create .venv, install, run the listed mutants (scripts/mutants.py) against their tests; MUTATE_ARGS="--only A3 --jobs 2"
+# make kernel-report - CPU only: compile every shipped kernel configuration for sm_90a and sm_80; registers, spills,
+#                      smem, tensor-core op, main-loop SASS size into $KERNEL_REPORT_OUT/kernel-report.json
 # make gpu-check - on a CUDA machine (preinstalled torch/triton, offline): tests/gpu + benchmarks into $GPU_CHECK_OUT
 PYTHON ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
 BENCH_OUT ?= .benchmarks/latest
+KERNEL_REPORT_OUT ?= .benchmarks/kernel-report
 export GPU_CHECK_OUT ?= gpu-check-out
 
-.PHONY: test bench mutate gpu-check venv clean
+.PHONY: test bench mutate kernel-report gpu-check venv clean
 
 venv: $(VENV)/.camtl-installed
 
@@ -24,6 +27,9 @@ bench: venv
 
 mutate: venv
 	$(VPY) scripts/mutate.py $(MUTATE_ARGS)
+
+kernel-report: venv
+	$(VPY) scripts/kernel_report.py --out $(KERNEL_REPORT_OUT) $(KERNEL_REPORT_ARGS)
 
 gpu-check:
 	PYTHON=$(PYTHON) bash scripts/gpu_check.sh

@@ -22,7 +22,8 @@ Backward, with Δ_i = Σ_d dO[i, d]·O[i, d]:
 Each (b, h, i, col) of dM is written by exactly one program with a plain
 store (deterministic, no atomics); the caller sums over heads and tasks.
 Under TRITON_INTERPRET=1, bf16 operands are upcast before ``tl.dot`` (the
-interpreter's bf16 dot is wrong).
+interpreter's bf16 dot is wrong). HAS_BLOCK_BIAS=False compiles M out (and
+dM's stores): plain flash attention, the yardstick of scripts/kernel_report.py.
 """
 
 from __future__ import annotations
@@ -61,12 +62,15 @@ def _band_cols(offs_m, offs_n, L, C):
 
 @triton.jit
 def _scores(q, kT, offs_m, offs_n, m0, n0, L, C, scale, table_row, stride_tl, stride_tc, key_bias_row,
-            HAS_KEY_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+            HAS_KEY_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+            HAS_BLOCK_BIAS: tl.constexpr):
     """S for the [BLOCK_M, BLOCK_N] tile at query row m0 and key n0, fp32, -inf on keys past L."""
     s = tl.dot(q, kT, input_precision=PRECISION) * scale
-    if _meets_band(m0, n0, L, C, BLOCK_M, BLOCK_N):
-        col, inside = _band_cols(offs_m, offs_n, L, C)
-        s += tl.load(table_row + offs_m[:, None] * stride_tl + col * stride_tc, mask=inside, other=0.0).to(tl.float32)
+    if HAS_BLOCK_BIAS:
+        if _meets_band(m0, n0, L, C, BLOCK_M, BLOCK_N):
+            col, inside = _band_cols(offs_m, offs_n, L, C)
+            s += tl.load(table_row + offs_m[:, None] * stride_tl + col * stride_tc, mask=inside,
+                         other=0.0).to(tl.float32)
     if HAS_KEY_BIAS:
         s += tl.load(key_bias_row + offs_n, mask=offs_n < L, other=0.0)[None, :]
     return tl.where(offs_n[None, :] < L, s, float("-inf"))
@@ -88,7 +92,8 @@ def _fwd_kernel(Q, K, V, O, LSE, TABLE, INDEX, KEY_BIAS,
                 stg, stl, stc, skbb,
                 H, L, C, D, scale, dropout_p, seed,
                 HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                HAS_BLOCK_BIAS: tl.constexpr = True):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -109,7 +114,7 @@ def _fwd_kernel(Q, K, V, O, LSE, TABLE, INDEX, KEY_BIAS,
         kT = _load_tile(K + b * skb + h * skh, offs_d, offs_n, skd, skl, d_ok[:, None] & n_ok[None, :], UPCAST)
         v = _load_tile(V + b * svb + h * svh, offs_n, offs_d, svl, svd, n_ok[:, None] & d_ok[None, :], UPCAST)
         s = _scores(q, kT, offs_m, offs_n, pid_m * BLOCK_M, n0, L, C, scale, table_row, stl, stc, key_bias_row,
-                    HAS_KEY_BIAS, BLOCK_M, BLOCK_N, PRECISION)
+                    HAS_KEY_BIAS, BLOCK_M, BLOCK_N, PRECISION, HAS_BLOCK_BIAS)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: no NaN
         alpha = tl.exp(m_i - m_safe)
@@ -133,7 +138,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DBIAS, TABLE, INDEX, KEY_BIAS,
                    stg, stl, stc, skbb, sgb, sgh, sgl, sgd,
                    H, L, C, D, scale, dropout_p, seed,
                    HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   HAS_BLOCK_BIAS: tl.constexpr = True):
     """dQ for a block of query rows, and dS on the diagonal blocks into DBIAS [B, H, L, C]."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -158,16 +164,17 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DBIAS, TABLE, INDEX, KEY_BIAS,
         k = _load_tile(K + b * skb + h * skh, offs_n, offs_d, skl, skd, tile_nd, UPCAST)
         v = _load_tile(V + b * svb + h * svh, offs_n, offs_d, svl, svd, tile_nd, UPCAST)
         s = _scores(q, tl.trans(k), offs_m, offs_n, pid_m * BLOCK_M, n0, L, C, scale, table_row, stl, stc,
-                    key_bias_row, HAS_KEY_BIAS, BLOCK_M, BLOCK_N, PRECISION)
+                    key_bias_row, HAS_KEY_BIAS, BLOCK_M, BLOCK_N, PRECISION, HAS_BLOCK_BIAS)
         p = tl.exp(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
             dp = tl.where(_keep(seed, pid_bh, offs_m, offs_n, L, dropout_p), dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        if _meets_band(pid_m * BLOCK_M, n0, L, C, BLOCK_M, BLOCK_N):
-            col, inside = _band_cols(offs_m, offs_n, L, C)
-            tl.store(dbias_rows + col, ds, mask=inside)
+        if HAS_BLOCK_BIAS:
+            if _meets_band(pid_m * BLOCK_M, n0, L, C, BLOCK_M, BLOCK_N):
+                col, inside = _band_cols(offs_m, offs_n, L, C)
+                tl.store(dbias_rows + col, ds, mask=inside)
     tl.store(DQ + b * sgb + h * sgh + offs_m[:, None] * sgl + offs_d[None, :] * sgd,
              (dq * scale).to(DQ.dtype.element_ty), mask=tile_md)
 
@@ -178,7 +185,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TABLE, INDEX, KEY_BIAS,
                      stg, stl, stc, skbb, sgb, sgh, sgl, sgd,
                      H, L, C, D, scale, dropout_p, seed,
                      HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     HAS_BLOCK_BIAS: tl.constexpr = True):
     """dK and dV for a block of keys, looping over every query block (non-causal)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -203,7 +211,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TABLE, INDEX, KEY_BIAS,
         lse = tl.load(LSE + pid_bh * L + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + pid_bh * L + offs_m, mask=row_ok, other=0.0)
         s = _scores(q, tl.trans(k), offs_m, offs_n, m0, pid_n * BLOCK_N, L, C, scale, table_row, stl, stc,
-                    key_bias_row, HAS_KEY_BIAS, BLOCK_M, BLOCK_N, PRECISION)
+                    key_bias_row, HAS_KEY_BIAS, BLOCK_M, BLOCK_N, PRECISION, HAS_BLOCK_BIAS)
         p = tl.exp(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:

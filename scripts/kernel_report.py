@@ -1,0 +1,443 @@
+#!/usr/bin/env python
+"""make kernel-report: what every shipped Triton kernel configuration compiles to, read without a GPU.
+
+For sm_90a and sm_80 it compiles each kernel configuration the dispatcher
+can choose (fp16/bf16; attention at head dims 32/64/128, dropout on/off,
+with/without key padding; the norm, FiLM and adapter kernels at D 768/1024),
+plus a yardstick: the attention kernels with the conditional bias, the key
+padding and dropout compiled out (plain flash attention). Each row gives
+registers and spills (triton's own ptxas -v log), shared memory, the tensor
+core instruction (HGMMA = wgmma, HMMA = mma.sync) and the size of the main
+loop in SASS. Output: kernel-report.json in --out (default
+$KERNEL_REPORT_OUT or .benchmarks/kernel-report/) and a table on stdout.
+
+How configurations are found: the kernel files' own launch functions
+(attention_forward, layer_norm_backward, ...) are called on meta tensors with
+each Triton kernel swapped for a recorder, so the report compiles exactly the
+arguments, block sizes and flags that a launch would pass, and follows the
+kernel files when they change. The recorded launch goes through Triton's own
+JIT argument specialization (pointer and stride divisibility, strides of 1)
+and triton.compile for a GPUTarget: no GPU, no TRITON_INTERPRET.
+
+loop_instructions: SASS instructions (NOPs excluded) per thread in the main
+loop body, i.e. the span from a backward branch's target to the branch (a BRA
+to a lower address). Spans under MIN_LOOP_INSTRUCTIONS instructions are waits
+(mbarrier try-wait and the like), not loops. Of the remaining spans the
+innermost ones (containing no other) are kept, and the largest of those is the
+hot loop (today every looping kernel has exactly one: attention over key
+tiles, or query tiles in dK/dV; layer norm and FiLM backward over row tiles;
+the adapter GEMM over K). It includes every branch of an `if` inside the loop
+(e.g. the bias gather, taken on diagonal tiles only). A kernel with no loop
+(layer_norm_fwd, film_fwd: one tile per program) reports its whole body, and
+loop "none". Identical binaries (layer norm at D 768 and 1024 both use BLOCK_D
+1024) are compiled once and reported on each row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Dict, List, Optional
+
+ARCHS = {"sm_90a": 90, "sm_80": 80}
+DTYPES = ("fp16", "bf16")
+HEAD_DIMS = (32, 64, 128)
+HIDDEN_SIZES = (768, 1024)
+# A BERT-base-like batch: L = max_seq_length = 128, H = hidden / d heads, block width c = ceil(L / (hidden // L)).
+BATCH, SEQ_LEN = 8, 128
+MIN_LOOP_INSTRUCTIONS = 24
+TENSOR_CORE_OPS = ("wgmma", "mma.sync", "none")
+FIELDS = ("kernel", "arch", "dtype", "head_dim", "block_m", "block_n", "num_warps", "num_stages", "dropout", "regs",
+          "spill_bytes", "smem_bytes", "tensor_core_op", "loop_instructions", "yardstick")
+
+_SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", re.IGNORECASE)
+_BRANCH = re.compile(r"^(?:@!?U?P[T0-9]+\s+)?BRA(?:\.[A-Z.]+)?\s.*?(0x[0-9a-f]+)\s*$", re.IGNORECASE)
+
+
+# ---- SASS reading ---------------------------------------------------------------------------------------------
+
+def parse_sass(sass: str) -> List[tuple]:
+    """[(address, instruction text)] of cuobjdump -sass output (one kernel), in address order."""
+    out = []
+    for line in sass.splitlines():
+        m = _SASS_LINE.match(line)
+        if m:
+            out.append((int(m.group(1), 16), m.group(2).strip()))
+    return out
+
+
+def find_loops(instructions: List[tuple]) -> List[tuple]:
+    """(start, end) address spans of the loops: a BRA to a strictly lower address, and its target."""
+    loops = []
+    for addr, text in instructions:
+        m = _BRANCH.match(text)
+        if m and int(m.group(1), 16) < addr:
+            loops.append((int(m.group(1), 16), addr))
+    return loops
+
+
+def _count(instructions: List[tuple], start: int, end: int) -> int:
+    return sum(1 for addr, text in instructions if start <= addr <= end and not text.startswith("NOP"))
+
+
+def main_loop(sass: str) -> Dict[str, object]:
+    """The hot loop of one kernel's SASS: its instruction count, the spans found, and how it was chosen.
+
+    Returns {"instructions": n, "loop": "innermost of k" | "none", "loops": k}. With no loop, the whole kernel.
+    """
+    instructions = parse_sass(sass)
+    if not instructions:
+        raise ValueError("no SASS instructions found (is this cuobjdump -sass output?)")
+    spans = [(s, e, _count(instructions, s, e)) for s, e in find_loops(instructions)]
+    spans = [span for span in spans if span[2] >= MIN_LOOP_INSTRUCTIONS]
+    if not spans:
+        return {"instructions": _count(instructions, 0, instructions[-1][0]), "loop": "none", "loops": 0}
+    innermost = [a for a in spans if not any(b is not a and a[0] <= b[0] and b[1] <= a[1] for b in spans)]
+    best = max(innermost, key=lambda span: span[2])
+    return {"instructions": best[2], "loop": f"innermost of {len(spans)}", "loops": len(spans)}
+
+
+def tensor_core_op(sass: str) -> str:
+    """wgmma if the kernel issues HGMMA, else mma.sync if it issues HMMA, else none."""
+    ops = {text.split()[0].split(".")[0] for _, text in parse_sass(sass)}
+    return "wgmma" if "HGMMA" in ops else "mma.sync" if "HMMA" in ops else "none"
+
+
+def parse_ptxas_log(log: str) -> Dict[str, int]:
+    """regs, spill_bytes (spill stores), spill_load_bytes from a ptxas -v log."""
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if not regs or not spill:
+        raise ValueError(f"could not read registers and spills from the ptxas log:\n{log}")
+    return {"regs": int(regs.group(1)), "spill_bytes": int(spill.group(1)), "spill_load_bytes": int(spill.group(2))}
+
+
+# ---- configurations: the kernel files' launches, recorded on meta tensors ------------------------------------
+
+class _Recorder:
+    """Stands in for a Triton kernel: ``kernel[grid](*args, **kwargs)`` records the launch instead of running it."""
+
+    def __init__(self, name: str, attr: str, launches: list):
+        self.name, self.attr, self.launches = name, attr, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((self.name, self.attr, args, kwargs))
+        return launch
+
+
+@contextlib.contextmanager
+def _recording(module, names: Dict[str, str], launches: list):
+    """Swaps module.<attr> for recorders named names[attr] for the duration."""
+    saved = {attr: getattr(module, attr) for attr in names}
+    try:
+        for attr, kernel in names.items():
+            setattr(module, attr, _Recorder(kernel, attr, launches))
+        yield
+    finally:
+        for attr, fn in saved.items():
+            setattr(module, attr, fn)
+
+
+def _arg_spec(arg):
+    """A picklable stand-in for a launch argument: tensors become ("tensor", dtype name)."""
+    import torch
+
+    if isinstance(arg, torch.Tensor):
+        return ("tensor", str(arg.dtype).replace("torch.", ""))
+    return arg
+
+
+def collect_configs(archs=tuple(ARCHS), dtypes=DTYPES, head_dims=HEAD_DIMS, hidden_sizes=HIDDEN_SIZES,
+                    kernels: Optional[List[str]] = None) -> List[dict]:
+    """Every (kernel, arch, configuration) to compile, as picklable jobs."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("kernel_report: unset TRITON_INTERPRET: the report compiles for GPUs, the interpreter "
+                           "replaces the kernels with Python")
+    import torch
+    from camtl.kernels import adapter as adapter_k
+    from camtl.kernels import attention as attention_k
+    from camtl.kernels import film as film_k
+    from camtl.kernels import layer_norm as layer_norm_k
+
+    meta = torch.device("meta")
+    jobs: List[dict] = []
+
+    def add(module, attr_names, call, **fields):
+        launches: list = []
+        with _recording(module, attr_names, launches):
+            call()
+        for name, attr, args, kwargs in launches:
+            kwargs = dict(kwargs)
+            if fields.get("yardstick"):
+                kwargs["HAS_BLOCK_BIAS"] = False
+            for arch in archs:
+                jobs.append(dict(kernel=name, module=module.__name__, attr=attr, arch=arch,
+                                 args=[_arg_spec(a) for a in args], kwargs=kwargs, **fields))
+
+    torch_dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
+    for dtype in dtypes:
+        dt = torch_dtypes[dtype]
+        for d in head_dims:
+            H = max(1, 768 // d)
+            C = -(-SEQ_LEN // max(1, (H * d) // SEQ_LEN))
+            q, k, v = (torch.empty((BATCH, H, SEQ_LEN, d), dtype=dt, device=meta) for _ in range(3))
+            table = torch.empty((3, SEQ_LEN, C), dtype=dt, device=meta)
+            index = torch.empty((BATCH,), dtype=torch.int64, device=meta)
+            lse = torch.empty((BATCH, H, SEQ_LEN), dtype=torch.float32, device=meta)
+            variants = [(drop, kpad, False) for drop in (False, True) for kpad in (False, True)] + [(False, False, True)]
+            for dropout, key_padding, yardstick in variants:
+                kb = torch.empty((BATCH, SEQ_LEN), dtype=torch.float32, device=meta) if key_padding else None
+                p = 0.1 if dropout else 0.0
+                fields = dict(dtype=dtype, head_dim=d, hidden_size=None, dropout=dropout, key_padding=key_padding,
+                              variant="", yardstick=yardstick)
+                add(attention_k, {"_fwd_kernel": "attention_fwd"},
+                    lambda: attention_k.attention_forward(q, k, v, table, index, kb, d ** -0.5, p, 1234), **fields)
+                add(attention_k, {"_bwd_dq_kernel": "attention_bwd_dq", "_bwd_dkdv_kernel": "attention_bwd_dkdv"},
+                    lambda: attention_k.attention_backward(q, q, k, v, q, lse, table, index, kb, d ** -0.5, p, 1234),
+                    **fields)
+        for D in hidden_sizes:
+            x = torch.empty((BATCH, SEQ_LEN, D), dtype=dt, device=meta)
+            rows = torch.empty((BATCH, SEQ_LEN), dtype=torch.float32, device=meta)
+            w = torch.empty((D,), dtype=dt, device=meta)
+            tasks = torch.empty((3, D), dtype=dt, device=meta)
+            index = torch.empty((BATCH,), dtype=torch.int64, device=meta)
+            base = dict(dtype=dtype, head_dim=None, hidden_size=D, dropout=False, key_padding=None, yardstick=False)
+            for residual in (x, None):
+                variant = "residual" if residual is not None else "no residual"
+                add(layer_norm_k, {"_fwd_kernel": "layer_norm_fwd"},
+                    lambda: layer_norm_k.layer_norm_forward(x, w, w, tasks, tasks, index, residual, 1e-12),
+                    variant=variant, **base)
+                add(layer_norm_k, {"_bwd_kernel": "layer_norm_bwd"},
+                    lambda: layer_norm_k.layer_norm_backward(x, x, w, tasks, tasks, index, residual, rows, rows),
+                    variant=variant, **base)
+            film_names = {"_bwd_kernel": "film_bwd", "_bwd_shared_kernel": "film_bwd_shared"}
+            for film_x, variant in ((x, "x per example"), (x[0], "x shared")):
+                add(film_k, {"_fwd_kernel": "film_fwd"}, lambda: film_k.film_forward(film_x, tasks, tasks, index),
+                    variant=variant, **base)
+                add(film_k, film_names, lambda: film_k.film_backward(x, film_x, tasks, index),
+                    variant=variant, **base)
+            down = torch.empty((D // 3, D), dtype=dt, device=meta)  # the bottleneck's d -> d // 3
+            add(adapter_k, {"_fwd_kernel": "adapter_fwd"},
+                lambda: adapter_k.film_linear_forward(x, tasks, tasks, index, down, down[:, 0]),
+                variant="film + down-projection", **base)
+    if kernels:
+        jobs = [job for job in jobs if job["kernel"] in kernels]
+    return jobs
+
+
+# ---- compiling one configuration -------------------------------------------------------------------------------
+
+def _tool(name: str) -> str:
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if not path.exists():
+        raise FileNotFoundError(f"kernel_report: triton's bundled {name} is missing at {path}")
+    return str(path)
+
+
+def _unwrap(fn):
+    """The JITFunction under triton.autotune / heuristics wrappers."""
+    while not hasattr(fn, "params") and hasattr(fn, "fn"):
+        fn = fn.fn
+    return fn
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (ptxas, cuobjdump)."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def _specialize(job: dict):
+    """What triton's JIT would compile for this launch: (fn, target, ASTSource arguments, options).
+
+    The JIT's own binder specializes the arguments (pointer and integer
+    divisibility by 16, integers equal to 1 as constants), so the kernel is
+    the one a launch on that GPU would build.
+    """
+    import importlib
+
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import MockTensor, create_function_from_signature
+
+    fn = _unwrap(getattr(importlib.import_module(job["module"]), job["attr"]))
+    target = GPUTarget("cuda", ARCHS[job["arch"]], 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    args = [MockTensor(getattr(torch, a[1])) if isinstance(a, tuple) and a[:1] == ("tensor",) else a
+            for a in job["args"]]
+    kwargs = dict(job["kwargs"])
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return fn, target, (signature, constexprs, attrs), options
+
+
+def compile_key(job: dict) -> str:
+    """Equal keys compile to the same binary (e.g. layer norm at D 768 and 1024: both BLOCK_D 1024)."""
+    fn, target, source_args, options = _specialize(job)
+    return repr((job["module"], job["attr"], target.arch, source_args, sorted(options.__dict__.items())))
+
+
+def compile_job(job: dict) -> dict:
+    """Compiles one recorded launch for job["arch"]; returns the compiled kernel's figures."""
+    import triton
+    from triton import knobs
+    from triton.compiler import ASTSource
+
+    start, cpu_start = time.time(), _cpu_seconds()
+    fn, target, source_args, options = _specialize(job)
+    knobs.compilation.always_compile = True  # never a cache hit: a hit would skip ptxas and its log
+    knobs.nvidia.dump_ptxas_log = True  # triton prints its own ptxas -v log: the registers it really got
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(ASTSource(fn, *source_args), target=target, options=options.__dict__)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
+    resources = parse_ptxas_log(log.getvalue())
+    loop = main_loop(sass)
+    return dict(
+        num_warps=options.num_warps, num_stages=options.num_stages, **resources,
+        smem_bytes=int(compiled.metadata.shared), tensor_core_op=tensor_core_op(sass),
+        loop_instructions=loop["instructions"], loop=loop["loop"], triton=triton.__version__,
+        compile_s=round(time.time() - start, 2), compile_cpu_s=round(_cpu_seconds() - cpu_start, 2),
+    )
+
+
+def report_row(job: dict, compiled: dict) -> dict:
+    """One row of the report: the configuration and what it compiled to."""
+    kw = job["kwargs"]
+    row = dict(kernel=job["kernel"], arch=job["arch"], dtype=job["dtype"], head_dim=job["head_dim"],
+               hidden_size=job["hidden_size"], block_m=kw.get("BLOCK_M"), block_n=kw.get("BLOCK_N", kw.get("BLOCK_D")),
+               dropout=job["dropout"], key_padding=job["key_padding"], variant=job["variant"],
+               yardstick=job["yardstick"])
+    row.update(compiled)
+    return row
+
+
+# ---- the report -----------------------------------------------------------------------------------------------
+
+def format_table(rows: List[dict]) -> str:
+    columns = [("kernel", "kernel"), ("arch", "arch"), ("dtype", "dtype"), ("d/D", None), ("tile", None),
+               ("w/s", None), ("drop", "dropout"), ("kpad", "key_padding"), ("yard", "yardstick"), ("regs", "regs"),
+               ("spill", "spill_bytes"), ("smem", "smem_bytes"), ("tc", "tensor_core_op"),
+               ("loop", "loop_instructions"), ("variant", "variant")]
+
+    def cell(row, title, key):
+        if title == "d/D":
+            return str(row["head_dim"] if row["head_dim"] is not None else row["hidden_size"])
+        if title == "tile":
+            return f"{row['block_m']}x{row['block_n']}"
+        if title == "w/s":
+            return f"{row['num_warps']}/{row['num_stages']}"
+        value = row[key]
+        return "-" if value is None else ("y" if value is True else "n" if value is False else str(value))
+
+    table = [[title for title, _ in columns]] + [[cell(r, t, k) for t, k in columns] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in table)
+
+
+def _init_worker(cache_dir: str):
+    import warnings
+
+    os.environ["TRITON_CACHE_DIR"] = cache_dir
+    os.environ.pop("TRITON_INTERPRET", None)
+    # triton 3.9 warns that its FP-fusion default will change; the report compiles with today's default, as the JIT.
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+
+
+def run(jobs: List[dict], workers: int, progress: bool = True) -> tuple:
+    """Compiles the jobs on a process pool, each distinct binary once. Returns (rows in job order, compiles)."""
+    from tqdm import tqdm
+
+    keys = [compile_key(job) for job in jobs]
+    unique = {key: job for key, job in zip(keys, jobs)}
+    compiled: Dict[str, dict] = {}
+    # A private, empty cache: the user's triton cache is left alone.
+    with tempfile.TemporaryDirectory(prefix="kernel-report-cache-") as cache:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(cache,)) as pool:
+            futures = {pool.submit(compile_job, job): key for key, job in unique.items()}
+            bar = tqdm(as_completed(futures), total=len(futures), desc="compiling kernels", unit="kernel",
+                       disable=not progress, file=sys.stderr)
+            for future in bar:
+                key = futures[future]
+                job = unique[key]
+                try:
+                    compiled[key] = future.result()
+                except Exception as error:  # name the configuration that failed, and stop
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise RuntimeError(f"kernel_report: compiling {job['kernel']} for {job['arch']} "
+                                       f"({job['dtype']}, d={job['head_dim']}, D={job['hidden_size']}, "
+                                       f"{job['kwargs']}) failed: {error}") from error
+                bar.set_postfix_str(f"{job['kernel']} {job['arch']} {job['dtype']}")
+    return [report_row(job, compiled[key]) for key, job in zip(keys, jobs)], len(compiled)
+
+
+_KERNEL_ORDER = ("attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv", "layer_norm_fwd", "layer_norm_bwd",
+                 "film_fwd", "film_bwd", "film_bwd_shared", "adapter_fwd")
+
+
+def _row_order(row: dict):
+    """Attention first, by arch, dtype and head dim, the passes side by side; then the norm/FiLM/adapter kernels."""
+    family = 0 if row["kernel"].startswith("attention") else 1
+    kernel = _KERNEL_ORDER.index(row["kernel"]) if row["kernel"] in _KERNEL_ORDER else len(_KERNEL_ORDER)
+    size = row["head_dim"] if family == 0 else row["hidden_size"]
+    return (family, row["arch"] != "sm_90a", row["dtype"], size, row["yardstick"], row["dropout"],
+            bool(row["key_padding"]), kernel if family == 0 else 0, kernel, row["variant"])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=os.environ.get("KERNEL_REPORT_OUT", ".benchmarks/kernel-report"),
+                        help="folder for kernel-report.json (default $KERNEL_REPORT_OUT or .benchmarks/kernel-report)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compiler processes")
+    parser.add_argument("--arch", nargs="+", choices=sorted(ARCHS), default=list(ARCHS))
+    parser.add_argument("--dtype", nargs="+", choices=DTYPES, default=list(DTYPES))
+    parser.add_argument("--head-dim", nargs="+", type=int, default=list(HEAD_DIMS))
+    parser.add_argument("--hidden", nargs="+", type=int, default=list(HIDDEN_SIZES))
+    parser.add_argument("--kernel", nargs="+", help="only these kernels, e.g. attention_fwd layer_norm_bwd")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)  # set by the test suite's conftest; never wanted here
+    start = time.time()
+    jobs = collect_configs(tuple(args.arch), tuple(args.dtype), tuple(args.head_dim), tuple(args.hidden),
+                           args.kernel)
+    if not jobs:
+        parser.error("no kernel configuration matches the filters")
+    rows, compiles = run(jobs, max(1, args.jobs), progress=not args.no_progress)
+    rows.sort(key=_row_order)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import triton
+
+    report = {"triton": triton.__version__, "seq_len": SEQ_LEN, "batch": BATCH, "fields": list(FIELDS),
+              "seconds": round(time.time() - start, 1), "compiles": compiles, "rows": rows}
+    (out / "kernel-report.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(format_table(rows))
+    print(f"\n{len(rows)} configurations, {compiles} distinct kernels compiled in {report['seconds']} s "
+          f"(triton {triton.__version__}, {args.jobs} processes); "
+          f"wrote {out / 'kernel-report.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

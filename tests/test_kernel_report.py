@@ -1,0 +1,113 @@
+"""scripts/kernel_report.py: the SASS loop counter on hand-written SASS, and one real compile for sm_90a (CPU only)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "kernel_report.py"
+
+
+def _load_report_module():
+    spec = importlib.util.spec_from_file_location("kernel_report", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+kr = _load_report_module()
+
+
+def _sass(instructions):
+    """cuobjdump -sass style lines for [(address, text)], with the encoding comments cuobjdump prints."""
+    lines = ["\tcode for sm_90a", "\t\tFunction : k", '\t.headerflags\t@"EF_CUDA_SM90"']
+    for addr, text in instructions:
+        lines.append(f"        /*{addr:04x}*/                   {text} ;   /* 0x000fe20000000a00 */")
+        lines.append("                                                       /* 0x000fc4000001ff00 */")
+    return "\n".join(lines)
+
+
+def _program(body):
+    """Addresses 0x10 apart for a list of instruction texts; a `BRA {label}` names the index it jumps to."""
+    return [(16 * i, text.format(*[f"0x{16 * j:x}" for j in range(len(body))])) for i, text in enumerate(body)]
+
+
+def test_main_loop_counts_the_span_from_the_branch_target_to_the_backward_branch():
+    body = ["S2R R0, SR_CTAID.X"] * 3                          # 0-2: prologue
+    body += ["FFMA R1, R2, R3, R1"] * 10                       # 3-12: loop head
+    body += ["@P0 BRA {20}"]                                   # 13: a forward branch (an `if`) inside the loop
+    body += ["HMMA.16816.F32 R4, R8, R12, R4"] * 6             # 14-19
+    body += ["FADD R1, R1, 1"] * 10                            # 20-29
+    body += ["NOP"] * 2                                        # 30-31: padding is not counted
+    body += ["@!P1 BRA {3}"]                                   # 32: the backward branch
+    body += ["EXIT", "BRA {34}", "NOP", "NOP"]                 # 33-36: the end-of-kernel self-branch is no loop
+    sass = _sass(_program(body))
+    loop = kr.main_loop(sass)
+    assert loop == {"instructions": 28, "loop": "innermost of 1", "loops": 1}  # 3..32, less two NOPs
+    assert kr.tensor_core_op(sass) == "mma.sync"
+
+
+def test_main_loop_takes_the_innermost_loop_and_ignores_spin_waits():
+    body = ["MOV R0, RZ"]                                      # 0
+    body += ["LDG.E R2, desc[UR4][R4.64]"] * 5                 # 1-5: outer loop head
+    body += ["FFMA R1, R2, R3, R1"] * 40                       # 6-45: inner loop, 40 + its branch
+    body += ["@P0 BRA {6}"]                                    # 46
+    body += ["SYNCS.PHASECHK.TRANS64 P1, [UR4], RZ", "@!P1 BRA {47}"]   # 47-48: an mbarrier wait (spin loop)
+    body += ["IADD3 R0, R0, 1, RZ"] * 3                        # 49-51
+    body += ["@P2 BRA {1}", "HGMMA.64x64x16.F32 R24, gdesc[UR8], RZ, !UPT, gsb0", "EXIT"]  # 52: outer back-branch
+    sass = _sass(_program(body))
+    assert kr.find_loops(kr.parse_sass(sass)) == [(0x60, 0x2e0), (0x2f0, 0x300), (0x10, 0x340)]
+    assert kr.main_loop(sass) == {"instructions": 41, "loop": "innermost of 2", "loops": 2}
+    assert kr.tensor_core_op(sass) == "wgmma"
+
+
+def test_main_loop_of_a_kernel_without_a_loop_is_the_whole_kernel():
+    sass = _sass(_program(["S2R R0, SR_TID.X", "FADD R1, R0, R0", "STG.E desc[UR4][R2.64], R1", "EXIT", "BRA {4}",
+                           "NOP"]))
+    assert kr.main_loop(sass) == {"instructions": 5, "loop": "none", "loops": 0}
+    assert kr.tensor_core_op(sass) == "none"
+    with pytest.raises(ValueError, match="no SASS"):
+        kr.main_loop("not sass at all")
+
+
+def test_ptxas_log_gives_registers_and_spills():
+    log = ("ptxas info    : Compiling entry function '_bwd_dq_kernel' for 'sm_90a'\n"
+           "    0 bytes stack frame, 48 bytes spill stores, 52 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 1 barriers\n")
+    assert kr.parse_ptxas_log(log) == {"regs": 255, "spill_bytes": 48, "spill_load_bytes": 52}
+    with pytest.raises(ValueError, match="registers and spills"):
+        kr.parse_ptxas_log("ptxas fatal   : Unresolved extern function")
+
+
+def test_report_compiles_the_d64_fp16_attention_forward_for_sm90a(tmp_path):
+    """The real path, CPU only: the dispatcher's launch recorded, compiled for sm_90a, read back from the JSON."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--arch", "sm_90a", "--dtype", "fp16", "--head-dim",
+         "64", "--hidden", "768", "--kernel", "attention_fwd", "--no-progress"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "kernel-report.json").read_text())
+    rows = report["rows"]
+    assert [(r["dropout"], r["key_padding"], r["yardstick"]) for r in rows] == [
+        (False, False, False), (False, True, False), (True, False, False), (True, True, False), (False, False, True)]
+    for row in rows:
+        assert set(kr.FIELDS) <= set(row)
+        assert (row["kernel"], row["arch"], row["dtype"], row["head_dim"]) == ("attention_fwd", "sm_90a", "fp16", 64)
+        assert row["block_m"] >= 16 and row["block_n"] >= 16 and row["num_warps"] >= 1 and row["num_stages"] >= 1
+        assert 0 < row["regs"] <= 255
+        assert row["spill_bytes"] >= 0 and row["smem_bytes"] > 0
+        assert row["tensor_core_op"] == "wgmma"  # d64 fp16 on sm_90a compiles to HGMMA
+        assert row["loop"].startswith("innermost") and row["loop_instructions"] > 0
+    plain, padded, dropout, _, yardstick = rows
+    # The yardstick compiles the bias gather, the key padding and dropout out: its loop is strictly shorter.
+    assert yardstick["loop_instructions"] < plain["loop_instructions"] < padded["loop_instructions"]
+    assert plain["loop_instructions"] < dropout["loop_instructions"]
+    assert "attention_fwd" in result.stdout and "wgmma" in result.stdout
