@@ -31,6 +31,7 @@ BENCHES = [
     "bench_attention",
     "bench_norm_adapter",
     "bench_model",
+    "bench_packing",
 ]
 
 
