@@ -133,14 +133,17 @@ def _fwd_kernel(Q, K, V, O, LSE, TABLE, INDEX, KEY_BIAS,
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DBIAS, TABLE, INDEX, KEY_BIAS,
+def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, DBIAS, TABLE, INDEX, KEY_BIAS,
                    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdob, sdoh, sdol, sdod,
-                   stg, stl, stc, skbb, sgb, sgh, sgl, sgd,
+                   stg, stl, stc, skbb, sgb, sgh, sgl, sgd, sob, soh, sol, sod,
                    H, L, C, D, scale, dropout_p, seed,
                    HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    HAS_BLOCK_BIAS: tl.constexpr = True):
-    """dQ for a block of query rows, and dS on the diagonal blocks into DBIAS [B, H, L, C]."""
+    """dQ for a block of query rows, and dS on the diagonal blocks into DBIAS [B, H, L, C].
+
+    Also writes DELTA = rowsum(dO·O) [B·H, L] for its rows, which _bwd_dkdv_kernel (launched after) reads.
+    """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -153,7 +156,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DBIAS, TABLE, INDEX, KEY_BIAS,
     q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sql, sqd, tile_md, UPCAST)
     do = _load_tile(DO + b * sdob + h * sdoh, offs_m, offs_d, sdol, sdod, tile_md, UPCAST)
     lse = tl.load(LSE + pid_bh * L + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + pid_bh * L + offs_m, mask=row_ok, other=0.0)
+    o = _load_tile(O + b * sob + h * soh, offs_m, offs_d, sol, sod, tile_md, UPCAST)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh * L + offs_m, delta, mask=row_ok)
     table_row = TABLE + tl.load(INDEX + b).to(tl.int64) * stg
     key_bias_row = KEY_BIAS + b * skbb
     dbias_rows = DBIAS + pid_bh.to(tl.int64) * L * C + offs_m[:, None] * C
@@ -267,22 +272,26 @@ def attention_forward(q, k, v, table, index, key_bias, scale, dropout_p, seed):
 
 
 def attention_backward(dout, q, k, v, out, lse, table, index, key_bias, scale, dropout_p, seed):
-    """Launches the backward. Returns dq, dk, dv (in q's layout and dtype) and dM [B, L, c] fp32 (summed over heads)."""
+    """Launches the backward. Returns dq, dk, dv (in q's layout and dtype) and dM [B, L, c] float64 (summed over heads)."""
     B, H, L, D = q.shape
     C = table.shape[2]
     cfg = _config(q)
-    delta = (dout.float() * out.float()).sum(-1).contiguous()
+    delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)  # written by the dq kernel
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))  # contiguous
     dbias = torch.zeros((B, H, L, C), dtype=torch.float32, device=q.device)  # positions off the band stay 0
     if dq.numel() == 0:
-        return dq, dk, dv, dbias.sum(dim=1)
+        return dq, dk, dv, dbias.new_zeros((B, L, C), dtype=torch.float64)
     has_kb = key_bias is not None
     kb = key_bias if has_kb else lse
-    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(table),
-              key_bias.stride(0) if has_kb else 0, *_strides(dq), H, L, C, D, scale, dropout_p, seed)
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(table),
+               key_bias.stride(0) if has_kb else 0, *_strides(dq))
+    common = (*strides, H, L, C, D, scale, dropout_p, seed)
     flags = dict(HAS_KEY_BIAS=has_kb, DROPOUT=dropout_p > 0.0, **cfg)
+    # The dq kernel runs first: it writes delta, which the dkdv kernel reads (same stream, so ordered).
     _bwd_dq_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), B * H)](
-        q, k, v, dout, lse, delta, dq, dbias, table, index, kb, *common, **flags)
+        q, k, v, dout, out, lse, delta, dq, dbias, table, index, kb, *strides, *_strides(out),
+        H, L, C, D, scale, dropout_p, seed, **flags)
     _bwd_dkdv_kernel[(triton.cdiv(L, cfg["BLOCK_N"]), B * H)](
         q, k, v, dout, lse, delta, dk, dv, table, index, kb, *common, **flags)
-    return dq, dk, dv, dbias.sum(dim=1)
+    # Summed over heads straight into float64, the precision of the per-task sum that follows: one op, not two.
+    return dq, dk, dv, dbias.sum(dim=1, dtype=torch.float64)

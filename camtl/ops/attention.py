@@ -301,9 +301,9 @@ def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
 
     dq, dk, dv, dbias = attention_backward(dout, q, k, v, out, lse, table, index, key_bias, scale, dropout_p,
                                            int(seed.item()))
-    L = dbias.shape[1]
-    dtable = torch.zeros(table.shape, dtype=torch.float32, device=table.device)
-    dtable[:, :L] = per_task_sum(dbias[:, None], index, table.shape[0])
+    dtable = per_task_sum(dbias[:, None], index, table.shape[0])  # [G, L, c]
+    pad_rows = table.shape[1] - dbias.shape[1]  # rows L.. of the table got no gradient: pad, not a zero fill
+    dtable = torch.nn.functional.pad(dtable, (0, 0, 0, pad_rows)) if pad_rows else dtable
     return dq, dk, dv, dtable.to(table.dtype)
 
 
@@ -320,10 +320,13 @@ def _attention_setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, table, index, key_bias, seed)
     ctx.scale, ctx.dropout_p = scale, dropout_p
+    ctx.set_materialize_grads(False)  # lse gets no gradient: no zero tensor for it
 
 
 def _attention_backward(ctx, dout, dlse):
     q, k, v, out, lse, table, index, key_bias, seed = ctx.saved_tensors
+    if dout is None:  # grads are not materialized: out took no part in the loss
+        return None, None, None, None, None, None, None, None, None
     dq, dk, dv, dtable = _attention_bwd(dout, q, k, v, out, lse, table, index, key_bias, ctx.scale, ctx.dropout_p,
                                         seed)
     return dq, dk, dv, dtable, None, None, None, None, None
@@ -337,8 +340,8 @@ def key_bias_from_mask(attn_mask: Optional[torch.Tensor], like: torch.Tensor) ->
     if attn_mask is None:
         return None
     if attn_mask.dtype == torch.bool:
-        return torch.zeros(attn_mask.shape, dtype=torch.float32, device=like.device).masked_fill(~attn_mask,
-                                                                                                float("-inf"))
+        # One op; .to is a no-op unless torch's default dtype is not float32.
+        return torch.where(attn_mask, 0.0, float("-inf")).to(torch.float32)
     return attn_mask.to(torch.float32).contiguous()
 
 
