@@ -24,6 +24,22 @@ from camtl.ops import _checks
 from camtl.ops._reduce import per_task_sum
 
 
+def _check_qkv(op: str, q, k, v, rank: int, layout: str, like: str) -> None:
+    """q, k, v tensors of the given rank; k shaped like q, v like q but for its last dim (dv); d >= 1."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _checks.tensor(op, name, t, (rank,), layout)
+        if name != "q":
+            _checks.like(op, name, t, q, "q")
+            same = t.shape == q.shape if name == "k" else t.shape[:-1] == q.shape[:-1]
+            if not same:
+                want = _checks.shape_str(q.shape) if name == "k" else _checks.shape_str(q.shape[:-1]) + " + [dv]"
+                raise ValueError(f"{op}: argument '{name}' must have shape {want} {like}, "
+                                 f"got {_checks.shape_str(t.shape)}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"{op}: argument 'q' must have a head dim d >= 1 (the scores are scaled by 1/sqrt(d)), "
+                         f"got shape {_checks.shape_str(q.shape)}")
+
+
 def _check_head_mask_dropout_scale(op, head_mask, shape_name: str, shape: tuple, dropout_p: float, scale) -> None:
     if head_mask is not None:
         if not isinstance(head_mask, torch.Tensor) or not head_mask.is_floating_point():
@@ -134,19 +150,8 @@ def conditional_attention(
     if cu_seqlens is not None or max_seqlen is not None:
         return _conditional_attention_varlen(op, q, k, v, table, index, attn_mask, dropout_p, scale, head_mask,
                                              return_probs, cu_seqlens, max_seqlen)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _checks.tensor(op, name, t, (4,), "[B, H, L, d]")
-        if name != "q":
-            _checks.like(op, name, t, q, "q")
-            same = t.shape == q.shape if name == "k" else t.shape[:3] == q.shape[:3]
-            if not same:
-                want = _checks.shape_str(q.shape) if name == "k" else _checks.shape_str(q.shape[:3]) + " + [dv]"
-                raise ValueError(f"{op}: argument '{name}' must have shape {want} (like q), "
-                                 f"got {_checks.shape_str(t.shape)}")
+    _check_qkv(op, q, k, v, 4, "[B, H, L, d]", "(like q)")
     B, H, L, d = q.shape
-    if d == 0:
-        raise ValueError(f"{op}: argument 'q' must have a head dim d >= 1 (the scores are scaled by 1/sqrt(d)), "
-                         f"got shape {_checks.shape_str(q.shape)}")
     _check_table(op, table, index, B, L, q, "q")
     attn_mask = _check_attn_mask(op, attn_mask, B, H, L, q.device)
     _check_head_mask_dropout_scale(op, head_mask, "[B, H, L, L]", (B, H, L, L), dropout_p, scale)
@@ -164,19 +169,8 @@ _VARLEN_KERNEL_MISSING = "the varlen (cu_seqlens) Triton kernel is not implement
 def _conditional_attention_varlen(op, q, k, v, table, index, attn_mask, dropout_p, scale, head_mask, return_probs,
                                   cu_seqlens, max_seqlen):
     """The packed form of conditional_attention: checks, then the torch reference (no varlen kernel yet)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _checks.tensor(op, name, t, (3,), "[N, H, d] (packed input: cu_seqlens is given)")
-        if name != "q":
-            _checks.like(op, name, t, q, "q")
-            same = t.shape == q.shape if name == "k" else t.shape[:2] == q.shape[:2]
-            if not same:
-                want = _checks.shape_str(q.shape) if name == "k" else _checks.shape_str(q.shape[:2]) + " + [dv]"
-                raise ValueError(f"{op}: argument '{name}' must have shape {want} (like q, packed [N, H, d]), "
-                                 f"got {_checks.shape_str(t.shape)}")
+    _check_qkv(op, q, k, v, 3, "[N, H, d] (packed input: cu_seqlens is given)", "(like q, packed [N, H, d])")
     N, H, d = q.shape
-    if d == 0:
-        raise ValueError(f"{op}: argument 'q' must have a head dim d >= 1 (the scores are scaled by 1/sqrt(d)), "
-                         f"got shape {_checks.shape_str(q.shape)}")
     lengths = _check_cu_seqlens(op, cu_seqlens, N, q.device)
     S = len(lengths)
     longest = max(lengths, default=0)
