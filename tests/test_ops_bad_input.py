@@ -91,6 +91,18 @@ def _fp64_on_rounded(fn, tensors, grad):
     return _run("torch", fn, [t.double() for t in tensors], grad.double())
 
 
+def _finite_and_equal_to_fp64_on_every_backend(fn, tensors, grad, names):
+    """fn's fp16 output and gradients, on each backend: finite, and close to fp64 on the same rounded inputs."""
+    exp, exp_grads = _fp64_on_rounded(fn, tensors, grad)
+    for backend in BACKENDS:
+        out, grads = _run(backend, fn, tensors, grad)
+        assert torch.isfinite(out).all(), backend
+        assert_close(out, exp, torch.float16, f"{backend}: output")
+        for name, g, e in zip(names.split(), grads, exp_grads):
+            assert torch.isfinite(g).all(), f"{backend}: grad of {name}"
+            assert_close(g, e, torch.float16, f"{backend}: grad of {name}")
+
+
 def test_fp16_scores_above_65504_agree_and_are_finite(device):
     # |q·k| reaches ~1e5 > 65504 (the fp16 max): the scores must be formed in fp32.
     tensors, index = _attention_inputs(device, B=2, H=1, L=8, d=16, c=4, dtype=torch.float16, scale=100.0)
@@ -100,14 +112,7 @@ def test_fp16_scores_above_65504_agree_and_are_finite(device):
     assert (q.float() @ k.float().transpose(-1, -2)).abs().max() > 65504
     fn = lambda q, k, v, t: ops.conditional_attention(q, k, v, t, index, scale=1e-4)
     grad = torch.randn(2, 1, 8, 16, device=device).half()
-    exp, exp_grads = _fp64_on_rounded(fn, tensors, grad)
-    for backend in BACKENDS:
-        out, grads = _run(backend, fn, tensors, grad)
-        assert torch.isfinite(out).all(), backend
-        assert_close(out, exp, torch.float16, f"{backend}: output")
-        for name, g, e in zip("q k v table".split(), grads, exp_grads):
-            assert torch.isfinite(g).all(), f"{backend}: grad of {name}"
-            assert_close(g, e, torch.float16, f"{backend}: grad of {name}")
+    _finite_and_equal_to_fp64_on_every_backend(fn, tensors, grad, "q k v table")
 
 
 def test_fp16_residual_sum_beyond_65504_is_normalized(device):
@@ -121,14 +126,7 @@ def test_fp16_residual_sum_beyond_65504_is_normalized(device):
     index = torch.tensor([1, 0, 1], device=device)
     fn = lambda x, r, w, b, g, be: ops.conditional_layer_norm(x, w, b, g, be, index, 1e-5, r)
     grad = torch.randn(B, L, D, device=device).half()
-    exp, exp_grads = _fp64_on_rounded(fn, tensors, grad)
-    for backend in BACKENDS:
-        out, grads = _run(backend, fn, tensors, grad)
-        assert torch.isfinite(out).all(), backend
-        assert_close(out, exp, torch.float16, f"{backend}: output")
-        for name, g, e in zip("x residual weight bias gamma beta".split(), grads, exp_grads):
-            assert torch.isfinite(g).all(), f"{backend}: grad of {name}"
-            assert_close(g, e, torch.float16, f"{backend}: grad of {name}")
+    _finite_and_equal_to_fp64_on_every_backend(fn, tensors, grad, "x residual weight bias gamma beta")
 
 
 def test_fp16_film_intermediate_beyond_65504_agrees(device):
