@@ -3,7 +3,8 @@
 # make mutate - create .venv, install, run the listed mutants (scripts/mutants.py) against their tests; MUTATE_ARGS="--only A3 --jobs 2"
 # make kernel-report - CPU only: compile every shipped kernel configuration for sm_90a and sm_80; registers, spills,
 #                      smem, tensor-core op, main-loop SASS size into $KERNEL_REPORT_OUT/kernel-report.json
-# make gpu-check - on a CUDA machine (preinstalled torch/triton, offline): tests/gpu + benchmarks into $GPU_CHECK_OUT
+# make gpu-check - on a CUDA machine (preinstalled torch/triton, offline), within 7 minutes: tests/gpu, the benchmarks
+#                  and the kernel report into $GPU_CHECK_OUT, with summary.md (scripts/gpu_check.py)
 PYTHON ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
@@ -32,7 +33,7 @@ kernel-report: venv
 	$(VPY) scripts/kernel_report.py --out $(KERNEL_REPORT_OUT) $(KERNEL_REPORT_ARGS)
 
 gpu-check:
-	PYTHON=$(PYTHON) bash scripts/gpu_check.sh
+	$(PYTHON) scripts/gpu_check.py --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

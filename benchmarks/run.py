@@ -1,6 +1,6 @@
 """Runner for ``make bench``: every bench, one table each, optional JSON results.
 
-    python benchmarks/run.py [--out DIR] [--quick]
+    python benchmarks/run.py [--out DIR] [--quick] [--only NAME ...] [--no-plot]
 
 Each bench in BENCHES is a module in this folder exposing
 ``run(device, quick) -> list[dict]`` (a row has a boolean "pass" when it checks
@@ -39,7 +39,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", metavar="DIR", help="write DIR/<bench>.json (rows, environment, date)")
     parser.add_argument("--quick", action="store_true", help="small shapes and few repetitions: a smoke test")
+    parser.add_argument("--only", nargs="+", metavar="NAME", choices=BENCHES,
+                        help="run only these benches (scripts/gpu_check.py runs each under its own time limit)")
+    parser.add_argument("--no-plot", action="store_true", help="no summary figure (draw it later: benchmarks/plot.py DIR)")
     args = parser.parse_args(argv)
+    benches = [name for name in BENCHES if args.only is None or name in args.only]
 
     threads = setup_threads()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -53,7 +57,7 @@ def main(argv=None) -> int:
 
     failed = []
     start = time.perf_counter()
-    for name in BENCHES:
+    for name in benches:
         bench = importlib.import_module(name)
         rows = bench.run(device, args.quick)
         bench.print_table(rows)
@@ -67,11 +71,11 @@ def main(argv=None) -> int:
             print(f"wrote {path}")
 
     print(f"\nwall time {time.perf_counter() - start:.1f} s")
-    if args.out:
+    if args.out and not args.no_plot:
         try:
             from plot import plot_results
 
-            print(f"wrote {plot_results(args.out, benches=BENCHES)}")
+            print(f"wrote {plot_results(args.out, benches=benches)}")
         except ImportError:
             print("no summary figure: pip install matplotlib, then python benchmarks/plot.py " + args.out)
         except Exception as exc:  # noqa: BLE001  (a figure must not hide the results above)

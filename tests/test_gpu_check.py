@@ -1,0 +1,114 @@
+"""scripts/gpu_check.py (make gpu-check): its time budget, its kill on time-out, and what its summary states.
+
+The check itself needs a GPU; its orchestration does not, so it is tested here with stand-in parts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_check = _load("camtl_gpu_check", ROOT / "scripts" / "gpu_check.py")
+
+
+def _part(name, code, budget):
+    return gpu_check.Part(name, [sys.executable, "-c", code], budget, f"{name}.log")
+
+
+def test_parts_run_in_order_and_a_slow_one_is_killed_with_its_children(tmp_path):
+    marker = tmp_path / "child-survived"
+    # The slow part starts a grandchild that would write the marker after 3 s: the kill must take it too.
+    slow = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+            f"\"import time, pathlib; time.sleep(3); pathlib.Path(r'{marker}').write_text('x')\"]); time.sleep(60)")
+    parts = [_part("first", "print('hello')", 20), _part("broken", "import sys; sys.exit(3)", 20),
+             _part("slow", slow, 1.5), _part("after", "pass", 20)]
+    start = time.monotonic()
+    outcomes = gpu_check.run_parts(parts, tmp_path, total_budget_s=60, echo=lambda line: None)
+    elapsed = time.monotonic() - start
+    assert [(o.name, o.status) for o in outcomes] == [
+        ("first", "ok"), ("broken", "failed"), ("slow", "timed out"), ("after", "ok")]
+    assert "exit status 3" in outcomes[1].detail
+    assert (tmp_path / "first.log").read_text().strip() == "hello"
+    assert elapsed < 20, f"the slow part was not killed on time ({elapsed:.1f} s)"
+    time.sleep(3.5)
+    assert not marker.exists(), "a child of the timed-out part kept running"
+
+
+def test_the_total_budget_bounds_every_part_and_what_is_left_is_not_run(tmp_path):
+    parts = [_part("long", "import time; time.sleep(60)", 50), _part("next", "pass", 50)]
+    start = time.monotonic()
+    outcomes = gpu_check.run_parts(parts, tmp_path, total_budget_s=1.5, echo=lambda line: None)
+    assert time.monotonic() - start < 15
+    assert [(o.name, o.status) for o in outcomes] == [("long", "timed out"), ("next", "not run")]
+    assert "budget was spent" in outcomes[1].detail
+
+
+def test_a_failed_install_stops_the_other_parts(tmp_path):
+    parts = [_part("install", "import sys; sys.exit(1)", 20), _part("tests/gpu", "pass", 20)]
+    outcomes = gpu_check.run_parts(parts, tmp_path, total_budget_s=60, echo=lambda line: None)
+    assert [(o.name, o.status) for o in outcomes] == [("install", "failed"), ("tests/gpu", "not run")]
+
+
+def test_summary_states_what_did_not_run_or_pass(tmp_path):
+    (tmp_path / "gpu-tests.xml").write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="tests.gpu.test_a" name="test_ok"/>'
+        '<testcase classname="tests.gpu.test_a" name="test_flex"><skipped message="FlexAttention needs torch 2.5"/>'
+        '</testcase>'
+        '<testcase classname="tests.gpu.test_b" name="test_bad"><failure message="assert 1 == 2&#10;more"/>'
+        '</testcase></testsuite></testsuites>')
+    (tmp_path / "bench_model.json").write_text(json.dumps({"rows": [
+        {"name": "camtl", "pass": True}, {"name": "camtl triton", "pass": False},
+        {"name": "published", "error": "OutOfMemoryError: ..."}]}))
+    outcomes = [gpu_check.Outcome("install", "ok", 3.0, "install.log"),
+                gpu_check.Outcome("bench_attention", "timed out", 70.0, "killed after 70 s")]
+    text = gpu_check.summary(outcomes, tmp_path, 400)
+    assert "| bench_attention | timed out | 70.0 |" in text
+    assert "skipped: tests.gpu.test_a::test_flex - FlexAttention needs torch 2.5" in text
+    assert "failed: tests.gpu.test_b::test_bad - assert 1 == 2" in text
+    assert "bench_model: camtl triton failed its equivalence check" in text
+    assert "bench_model: published not run: OutOfMemoryError" in text
+    assert "test_ok" not in text
+    clean = gpu_check.summary([gpu_check.Outcome("install", "ok", 3.0, "install.log")], tmp_path / "none", 400)
+    assert "nothing: every part ran and passed" in clean
+
+
+def test_the_plan_fits_seven_minutes_and_runs_every_bench(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        run = _load("camtl_bench_run", ROOT / "benchmarks" / "run.py")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    parts = gpu_check.plan(tmp_path, sys.executable)
+    assert sum(p.budget_s for p in parts) <= gpu_check.TOTAL_BUDGET_S <= 7 * 60 - 20
+    benches = [p.command[p.command.index("--only") + 1] for p in parts if "--only" in p.command]
+    assert benches == run.BENCHES, "every bench of make bench gets a budgeted part"
+    names = [p.name for p in parts]
+    assert names[:3] == ["install", "environment", "tests/gpu"] and "kernel report" in names
+
+
+def test_without_a_gpu_it_says_so_and_exits_2(tmp_path):
+    if __import__("torch").cuda.is_available():
+        pytest.fail("this test is for CPU machines (CI); tests/gpu covers the GPU")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "no CUDA device is visible to torch" in proc.stderr
+    assert not (tmp_path / "o").exists()
