@@ -180,6 +180,8 @@ def collect_configs(archs=tuple(ARCHS), dtypes=DTYPES, head_dims=HEAD_DIMS, hidd
         for name, attr, args, kwargs in launches:
             kwargs = dict(kwargs)
             if fields.get("yardstick"):
+                if "HAS_BLOCK_BIAS" not in _unwrap(getattr(module, attr)).arg_names:
+                    continue  # a helper kernel (bias expansion, dropout mask, dtable): no plain-attention twin
                 kwargs["HAS_BLOCK_BIAS"] = False
             for arch in archs:
                 jobs.append(dict(kernel=name, module=module.__name__, attr=attr, arch=arch,
@@ -195,16 +197,21 @@ def collect_configs(archs=tuple(ARCHS), dtypes=DTYPES, head_dims=HEAD_DIMS, hidd
             table = torch.empty((3, SEQ_LEN, C), dtype=dt, device=meta)
             index = torch.empty((BATCH,), dtype=torch.int64, device=meta)
             lse = torch.empty((BATCH, H, SEQ_LEN), dtype=torch.float32, device=meta)
+            bias = torch.empty((3, SEQ_LEN, SEQ_LEN), dtype=torch.float32, device=meta)
             variants = [(drop, kpad, False) for drop in (False, True) for kpad in (False, True)] + [(False, False, True)]
             for dropout, key_padding, yardstick in variants:
                 kb = torch.empty((BATCH, SEQ_LEN), dtype=torch.float32, device=meta) if key_padding else None
                 p = 0.1 if dropout else 0.0
                 fields = dict(dtype=dtype, head_dim=d, hidden_size=None, dropout=dropout, key_padding=key_padding,
                               variant="", yardstick=yardstick)
-                add(attention_k, {"_fwd_kernel": "attention_fwd"},
+                add(attention_k, {"_fwd_kernel": "attention_fwd", "_dense_bias_kernel": "attention_bias_expand",
+                                  "_dropout_mask_kernel": "attention_dropout_mask"},
                     lambda: attention_k.attention_forward(q, k, v, table, index, kb, d ** -0.5, p, 1234), **fields)
-                add(attention_k, {"_bwd_dq_kernel": "attention_bwd_dq", "_bwd_dkdv_kernel": "attention_bwd_dkdv"},
-                    lambda: attention_k.attention_backward(q, q, k, v, q, lse, table, index, kb, d ** -0.5, p, 1234),
+                mask = torch.empty(attention_k.dropout_mask_shape(q.shape, dt, p), dtype=torch.int32, device=meta)
+                add(attention_k, {"_bwd_dq_kernel": "attention_bwd_dq", "_bwd_dkdv_kernel": "attention_bwd_dkdv",
+                                  "_bwd_dtable_kernel": "attention_bwd_dtable"},
+                    lambda: attention_k.attention_backward(q, q, k, v, q, lse, bias, mask, table, index, kb,
+                                                           d ** -0.5, p),
                     **fields)
         for D in hidden_sizes:
             x = torch.empty((BATCH, SEQ_LEN, D), dtype=dt, device=meta)

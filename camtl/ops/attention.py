@@ -21,7 +21,6 @@ import torch
 
 from camtl.backends import register, resolve, torch_ref
 from camtl.ops import _checks
-from camtl.ops._reduce import per_task_sum
 
 
 def _check_qkv(op: str, q, k, v, rank: int, layout: str, like: str) -> None:
@@ -273,8 +272,9 @@ def _unsupported_by_kernels(q, v, attn_mask) -> Optional[str]:
 @torch.library.custom_op("camtl::conditional_attention_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
                    key_bias: Optional[torch.Tensor], scale: float, dropout_p: float,
-                   seed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, H, L, d], lse [B, H, L] fp32). key_bias [B, L] fp32 is added to the scores (-inf masks a key)."""
+                   seed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out [B, H, L, d], lse [B, H, L] fp32, the dense bias [G, L, L] fp32, the dropout bit mask) of the
+    kernels; the last three are saved for the backward. key_bias [B, L] fp32 is added to the scores."""
     from camtl.kernels.attention import attention_forward
 
     return attention_forward(q, k, v, table, index, key_bias, scale, dropout_p, int(seed.item()))
@@ -282,27 +282,27 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: tor
 
 @_attention_fwd.register_fake
 def _(q, k, v, table, index, key_bias, scale, dropout_p, seed):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+    from camtl.kernels.attention import dropout_mask_shape
+
+    L = q.shape[2]
+    return (q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32),
+            q.new_empty((table.shape[0], L, L), dtype=torch.float32),
+            q.new_empty(dropout_mask_shape(q.shape, q.dtype, dropout_p), dtype=torch.int32))
 
 
 @torch.library.custom_op("camtl::conditional_attention_bwd", mutates_args=())
 def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor, table: torch.Tensor, index: torch.Tensor, key_bias: Optional[torch.Tensor],
-                   scale: float, dropout_p: float, seed: torch.Tensor
+                   lse: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor, table: torch.Tensor,
+                   index: torch.Tensor, key_bias: Optional[torch.Tensor], scale: float, dropout_p: float
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, dtable). dtable sums the per-example bias gradients per task, deterministically."""
+    """(dq, dk, dv, dtable). dtable sums the bias gradients over heads and per task, deterministically."""
     from camtl.kernels.attention import attention_backward
 
-    dq, dk, dv, dbias = attention_backward(dout, q, k, v, out, lse, table, index, key_bias, scale, dropout_p,
-                                           int(seed.item()))
-    dtable = per_task_sum(dbias[:, None], index, table.shape[0])  # [G, L, c]
-    pad_rows = table.shape[1] - dbias.shape[1]  # rows L.. of the table got no gradient: pad, not a zero fill
-    dtable = torch.nn.functional.pad(dtable, (0, 0, 0, pad_rows)) if pad_rows else dtable
-    return dq, dk, dv, dtable.to(table.dtype)
+    return attention_backward(dout, q, k, v, out, lse, bias, mask, table, index, key_bias, scale, dropout_p)
 
 
 @_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, table, index, key_bias, scale, dropout_p, seed):
+def _(dout, q, k, v, out, lse, bias, mask, table, index, key_bias, scale, dropout_p):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), table.new_empty(table.shape)
 
 
@@ -311,18 +311,18 @@ _checks.refuse_double_backward(_attention_bwd, "camtl.ops.conditional_attention"
 
 def _attention_setup_context(ctx, inputs, output):
     q, k, v, table, index, key_bias, scale, dropout_p, seed = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, table, index, key_bias, seed)
+    out, lse, bias, mask = output
+    ctx.save_for_backward(q, k, v, out, lse, bias, mask, table, index, key_bias)
     ctx.scale, ctx.dropout_p = scale, dropout_p
-    ctx.set_materialize_grads(False)  # lse gets no gradient: no zero tensor for it
+    ctx.set_materialize_grads(False)  # lse, bias and mask get no gradient: no zero tensors for them
 
 
-def _attention_backward(ctx, dout, dlse):
-    q, k, v, out, lse, table, index, key_bias, seed = ctx.saved_tensors
+def _attention_backward(ctx, dout, dlse, dbias, dmask):
+    q, k, v, out, lse, bias, mask, table, index, key_bias = ctx.saved_tensors
     if dout is None:  # grads are not materialized: out took no part in the loss
         return None, None, None, None, None, None, None, None, None
-    dq, dk, dv, dtable = _attention_bwd(dout, q, k, v, out, lse, table, index, key_bias, ctx.scale, ctx.dropout_p,
-                                        seed)
+    dq, dk, dv, dtable = _attention_bwd(dout, q, k, v, out, lse, bias, mask, table, index, key_bias, ctx.scale,
+                                        ctx.dropout_p)
     return dq, dk, dv, dtable, None, None, None, None, None
 
 
@@ -352,8 +352,8 @@ def _triton_conditional_attention(q, k, v, table, index=None, attn_mask=None, dr
     if index is None:
         index = torch.arange(B, device=q.device)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    out, _ = _attention_fwd(q, k, v, table, index.contiguous(), key_bias_from_mask(attn_mask, q), scale,
-                            float(dropout_p), draw_dropout_seed(dropout_p))
+    out = _attention_fwd(q, k, v, table, index.contiguous(), key_bias_from_mask(attn_mask, q), scale,
+                         float(dropout_p), draw_dropout_seed(dropout_p))[0]
     return out, None
 
 
