@@ -67,6 +67,34 @@ def _load_tile(ptr, offs_r, offs_c, stride_r, stride_c, mask, EVEN: tl.constexpr
 
 
 @triton.jit
+def _sequence(CU_SEQLENS, b, L, VARLEN: tl.constexpr):
+    """(first token, length) of sequence b of a packing (varlen), else (0, the batch length L)."""
+    if VARLEN:
+        first = tl.load(CU_SEQLENS + b).to(tl.int64)
+        return first, (tl.load(CU_SEQLENS + b + 1) - first).to(tl.int32)
+    else:
+        return 0, L
+
+
+@triton.jit
+def _slab(ptr, b, h, first, stride_b, stride_h, stride_l, VARLEN: tl.constexpr):
+    """ptr + the int64 offset of row 0 of example b (padded) or of the sequence's first token (varlen), head h."""
+    if VARLEN:
+        return ptr + first * stride_l + h.to(tl.int64) * stride_h
+    else:
+        return ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+
+
+@triton.jit
+def _row_stats(ptr, pid_bh, h, first, L, N_TOKENS, VARLEN: tl.constexpr):
+    """Row 0 of a program's fp32 row statistics (LSE, Δ): [B·H, L] padded, [H, N] varlen."""
+    if VARLEN:
+        return ptr + h.to(tl.int64) * N_TOKENS + first
+    else:
+        return ptr + pid_bh.to(tl.int64) * L
+
+
+@triton.jit
 def _band(r0, L, C, BLOCK: tl.constexpr):
     """[lo, hi): the keys (or, by symmetry, the queries) that share a diagonal block with rows r0 .. r0 + BLOCK."""
     lo = (r0 // C) * C
@@ -96,11 +124,15 @@ def _dense_bias_kernel(TABLE, BIAS, stg, stl, stc, L, C, BLOCK_M: tl.constexpr, 
 
 
 @triton.jit
-def _dropout_mask_kernel(MASK, L, W, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr,
-                         WORD: tl.constexpr):
-    """MASK[bh, i, w] bit k = keep(i, j = w·WORD + k): uniform(Philox(seed; i·L + j, bh, 0, 0)[0]) >= p, 0 past L."""
+def _dropout_mask_kernel(MASK, CU_SEQLENS, H, L, LB, W, dropout_p, seed, BLOCK_M: tl.constexpr,
+                         BLOCK_W: tl.constexpr, WORD: tl.constexpr, VARLEN: tl.constexpr = False):
+    """MASK[bh, i, w] bit k = keep(i, j = w·WORD + k): uniform(Philox(seed; i·L + j, bh, 0, 0)[0]) >= p, 0 past L.
+
+    MASK is [B·H, LB, W]; varlen, bh = s·H + h and L = Ls, sequence s's length (rows past Ls are not written).
+    """
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     pid_bh = tl.program_id(1)
+    _, L = _sequence(CU_SEQLENS, pid_bh // H, L, VARLEN)
     offs_w = tl.arange(0, BLOCK_W)
     bit = tl.arange(0, WORD)
     j = offs_w[None, :, None] * WORD + bit[None, None, :]  # [1, BLOCK_W, WORD]
@@ -111,7 +143,7 @@ def _dropout_mask_kernel(MASK, L, W, dropout_p, seed, BLOCK_M: tl.constexpr, BLO
     keep = (tl.uint_to_uniform_float(r) >= dropout_p) & (j < L)
     words = tl.sum(keep.to(tl.int32) << bit[None, None, :], axis=2)  # distinct bits: the sum is the bitwise or
     rows_ok = offs_m[:, None] < L
-    tl.store(MASK + pid_bh.to(tl.int64) * L * W + offs_m[:, None] * W + offs_w[None, :], words,
+    tl.store(MASK + pid_bh.to(tl.int64) * LB * W + offs_m[:, None] * W + offs_w[None, :], words,
              mask=rows_ok & (offs_w[None, :] < W))
 
 
@@ -151,41 +183,46 @@ def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_m, offs_n_base, offs_d,
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, BIAS, INDEX, KEY_BIAS, MASK,
+def _fwd_kernel(Q, K, V, O, LSE, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
                 sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod, skbb,
-                H, L, C, D, W, qk_scale, dropout_p,
+                H, L, LB, C, D, W, N_TOKENS, qk_scale, dropout_p,
                 HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EVEN: tl.constexpr, UPCAST: tl.constexpr,
                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                WORD: tl.constexpr, HAS_BLOCK_BIAS: tl.constexpr = True):
+                WORD: tl.constexpr, HAS_BLOCK_BIAS: tl.constexpr = True, VARLEN: tl.constexpr = False):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
+    first, L = _sequence(CU_SEQLENS, b, L, VARLEN)
     m0 = pid_m * BLOCK_M
+    if VARLEN:
+        if m0 >= L:  # the grid is sized for the longest sequence
+            return
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n_base = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < L
     d_ok = offs_d < D
-    q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sql, sqd, row_ok[:, None] & d_ok[None, :], EVEN, UPCAST)
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-    bias_rows = BIAS + tl.load(INDEX + b).to(tl.int64) * L * L + offs_m[:, None] * L
-    key_bias_row = KEY_BIAS + b * skbb
-    mask_rows = MASK + pid_bh * L * W + offs_m[:, None] * W
+    q = _load_tile(_slab(Q, b, h, first, sqb, sqh, sql, VARLEN), offs_m, offs_d, sql, sqd,
+                   row_ok[:, None] & d_ok[None, :], EVEN, UPCAST)
+    k_base = _slab(K, b, h, first, skb, skh, skl, VARLEN)
+    v_base = _slab(V, b, h, first, svb, svh, svl, VARLEN)
+    bias_rows = BIAS + tl.load(INDEX + b).to(tl.int64) * LB * LB + offs_m[:, None] * LB
+    key_bias_row = KEY_BIAS + b.to(tl.int64) * skbb
+    mask_rows = MASK + pid_bh.to(tl.int64) * LB * W + offs_m[:, None] * W
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if HAS_BLOCK_BIAS:
         # Three loops, so that no tile tests whether it meets the band: before it, on it (bias tiles), after it.
         band_lo, band_hi = _band(m0, L, C, BLOCK_M)
-        first = band_lo // BLOCK_N * BLOCK_N
+        band_first = band_lo // BLOCK_N * BLOCK_N
         after = tl.cdiv(band_hi, BLOCK_N) * BLOCK_N
-        for n0 in range(0, first, BLOCK_N):
+        for n0 in range(0, band_first, BLOCK_N):
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_m, offs_n_base, offs_d, d_ok, L,
                                       qk_scale, bias_rows, key_bias_row, mask_rows, skl, skd, svl, svd, False,
                                       HAS_KEY_BIAS, DROPOUT, EVEN, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
-        for n0 in range(first, band_hi, BLOCK_N):
+        for n0 in range(band_first, band_hi, BLOCK_N):
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_m, offs_n_base, offs_d, d_ok, L,
                                       qk_scale, bias_rows, key_bias_row, mask_rows, skl, skd, svl, svd, True,
                                       HAS_KEY_BIAS, DROPOUT, EVEN, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
@@ -202,14 +239,15 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS, INDEX, KEY_BIAS, MASK,
         acc = acc * (1.0 / (1.0 - dropout_p))
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    o_ptrs = O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :] * sod
+    o_ptrs = _slab(O, b, h, first, sob, soh, sol, VARLEN) + offs_m[:, None] * sol + offs_d[None, :] * sod
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    lse_row = _row_stats(LSE, pid_bh, h, first, L, N_TOKENS, VARLEN)
     if EVEN:
         tl.store(o_ptrs, out.to(O.dtype.element_ty))
-        tl.store(LSE + pid_bh * L + offs_m, lse)
+        tl.store(lse_row + offs_m, lse)
     else:
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-        tl.store(LSE + pid_bh * L + offs_m, lse, mask=row_ok)
+        tl.store(lse_row + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
@@ -253,53 +291,60 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, n0, offs_m, offs_n_base, of
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, DS_SUM, BIAS, INDEX, KEY_BIAS, MASK,
+def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, DS_SUM, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
                    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdob, sdoh, sdol, sdod,
                    sob, soh, sol, sod, sgb, sgh, sgl, sgd, skbb,
-                   H, L, C, D, W, qk_scale, dropout_p,
+                   H, L, LB, C, D, W, N_TOKENS, qk_scale, dropout_p,
                    HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EVEN: tl.constexpr, UPCAST: tl.constexpr,
                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   WORD: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr, HAS_BLOCK_BIAS: tl.constexpr = True):
+                   WORD: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr, HAS_BLOCK_BIAS: tl.constexpr = True,
+                   VARLEN: tl.constexpr = False):
     """dQ for a query tile of HEADS_PER_PROGRAM heads (group program_id(2)), one head after the other.
 
     Writes DELTA = rowsum(dO·O) [B·H, L] (read by _bwd_dkdv_kernel, launched after) and, on the band tiles, the
     sum of dS over the group's heads into DS_SUM [B, groups, L, L] (this program owns those rows: no atomics).
     """
     pid_m = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(1)
     group = tl.program_id(2)
+    first, L = _sequence(CU_SEQLENS, b, L, VARLEN)
     m0 = pid_m * BLOCK_M
+    if VARLEN:
+        if m0 >= L:
+            return
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n_base = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < L
     d_ok = offs_d < D
     tile_md = row_ok[:, None] & d_ok[None, :]
-    bias_rows = BIAS + tl.load(INDEX + b).to(tl.int64) * L * L + offs_m[:, None] * L
-    key_bias_row = KEY_BIAS + b * skbb
-    ds_rows = DS_SUM + (b * tl.num_programs(2) + group) * L * L + offs_m[:, None] * L
+    bias_rows = BIAS + tl.load(INDEX + b).to(tl.int64) * LB * LB + offs_m[:, None] * LB
+    key_bias_row = KEY_BIAS + b.to(tl.int64) * skbb
+    ds_rows = DS_SUM + (b.to(tl.int64) * tl.num_programs(2) + group) * LB * LB + offs_m[:, None] * LB
     dropout_scale = 1.0 / (1.0 - dropout_p)
     band_lo, band_hi = _band(m0, L, C, BLOCK_M)
-    first = band_lo // BLOCK_N * BLOCK_N
+    band_first = band_lo // BLOCK_N * BLOCK_N
     for hh in range(HEADS_PER_PROGRAM):
         h = group * HEADS_PER_PROGRAM + hh
         pid_bh = b * H + h
-        q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sql, sqd, tile_md, EVEN, UPCAST)
-        do = _load_tile(DO + b * sdob + h * sdoh, offs_m, offs_d, sdol, sdod, tile_md, EVEN, UPCAST)
-        o = _load_tile(O + b * sob + h * soh, offs_m, offs_d, sol, sod, tile_md, EVEN, UPCAST)
+        q = _load_tile(_slab(Q, b, h, first, sqb, sqh, sql, VARLEN), offs_m, offs_d, sql, sqd, tile_md, EVEN, UPCAST)
+        do = _load_tile(_slab(DO, b, h, first, sdob, sdoh, sdol, VARLEN), offs_m, offs_d, sdol, sdod, tile_md, EVEN,
+                        UPCAST)
+        o = _load_tile(_slab(O, b, h, first, sob, soh, sol, VARLEN), offs_m, offs_d, sol, sod, tile_md, EVEN, UPCAST)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-        tl.store(DELTA + pid_bh * L + offs_m, delta, mask=row_ok)
-        lse2 = tl.load(LSE + pid_bh * L + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
-        k_base = K + b * skb + h * skh
-        v_base = V + b * svb + h * svh
-        mask_rows = MASK + pid_bh * L * W + offs_m[:, None] * W
+        tl.store(_row_stats(DELTA, pid_bh, h, first, L, N_TOKENS, VARLEN) + offs_m, delta, mask=row_ok)
+        lse2 = tl.load(_row_stats(LSE, pid_bh, h, first, L, N_TOKENS, VARLEN) + offs_m, mask=row_ok,
+                       other=float("inf")) * 1.4426950408889634
+        k_base = _slab(K, b, h, first, skb, skh, skl, VARLEN)
+        v_base = _slab(V, b, h, first, svb, svh, svl, VARLEN)
+        mask_rows = MASK + pid_bh.to(tl.int64) * LB * W + offs_m[:, None] * W
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for n0 in range(0, L, BLOCK_N):  # one loop, the band decided per tile: three loops spill here
             dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, n0, offs_m, offs_n_base, offs_d, d_ok, L,
                           qk_scale, bias_rows, key_bias_row, mask_rows, ds_rows, dropout_scale, skl, skd, svl,
-                          svd, hh == 0, (n0 >= first) & (n0 < band_hi), HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT, EVEN,
+                          svd, hh == 0, (n0 >= band_first) & (n0 < band_hi), HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT, EVEN,
                           UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
-        dq_ptrs = DQ + b * sgb + h * sgh + offs_m[:, None] * sgl + offs_d[None, :] * sgd
+        dq_ptrs = _slab(DQ, b, h, first, sgb, sgh, sgl, VARLEN) + offs_m[:, None] * sgl + offs_d[None, :] * sgd
         dq = (dq * (qk_scale * 0.6931471805599453)).to(DQ.dtype.element_ty)  # scale = qk_scale · ln 2
         if EVEN:
             tl.store(dq_ptrs, dq)
@@ -308,7 +353,7 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, DS_SUM, BIAS, INDEX, KEY_BIAS
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, offs_n, offs_d, d_ok, L, qk_scale, bias_cols,
+def _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, offs_n, offs_d, d_ok, L, LB, qk_scale, bias_cols,
                key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_scale, sql, sqd, sdol, sdod, W,
                WITH_BIAS: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EVEN: tl.constexpr,
                UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -328,108 +373,116 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, offs_n, offs_d, d
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if WITH_BIAS:
         if EVEN:
-            s += tl.load(bias_cols + offs_m[:, None] * L)
+            s += tl.load(bias_cols + offs_m[:, None] * LB)
         else:
-            s += tl.load(bias_cols + offs_m[:, None] * L, mask=row_ok[:, None] & (offs_n < L)[None, :], other=0.0)
+            s += tl.load(bias_cols + offs_m[:, None] * LB, mask=row_ok[:, None] & (offs_n < L)[None, :], other=0.0)
     if HAS_KEY_BIAS:
         s += key_bias[None, :]
     p = tl.exp2(s - lse2[:, None])  # rows past L: lse = +inf, p = 0
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    if DROPOUT:
+    if DROPOUT:  # dv is scaled once, after the loop; dp's scale rides on the subtraction's FMA
         keep = _keep_bits(mask_base + offs_m[:, None] * W, offs_m, tl.program_id(0) * BLOCK_N, L, BLOCK_M, BLOCK_N,
                           WORD) != 0
-        dv += tl.dot(tl.trans(tl.where(keep, p * dropout_scale, 0.0).to(do.dtype)), do, input_precision=PRECISION)
-        dp = tl.where(keep, dp * dropout_scale, 0.0)
+        dv += tl.dot(tl.trans(tl.where(keep, p, 0.0).to(do.dtype)), do, input_precision=PRECISION)
+        ds = p * (tl.where(keep, dp, 0.0) * dropout_scale - delta[:, None])
     else:
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-    ds = p * (dp - delta[:, None])
+        ds = p * (dp - delta[:, None])
     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     return dk, dv
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, INDEX, KEY_BIAS, MASK,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
                      sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdob, sdoh, sdol, sdod,
                      sgb, sgh, sgl, sgd, skbb,
-                     H, L, C, D, W, qk_scale, dropout_p,
+                     H, L, LB, C, D, W, N_TOKENS, qk_scale, dropout_p,
                      HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EVEN: tl.constexpr, UPCAST: tl.constexpr,
                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     WORD: tl.constexpr, HAS_BLOCK_BIAS: tl.constexpr = True):
+                     WORD: tl.constexpr, HAS_BLOCK_BIAS: tl.constexpr = True, VARLEN: tl.constexpr = False):
     """dK and dV for a key tile, looping over every query tile (non-causal)."""
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
+    first, L = _sequence(CU_SEQLENS, b, L, VARLEN)
     n0 = pid_n * BLOCK_N
+    if VARLEN:
+        if n0 >= L:
+            return
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m_base = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     n_ok = offs_n < L
     tile_nd = n_ok[:, None] & d_ok[None, :]
-    k = _load_tile(K + b * skb + h * skh, offs_n, offs_d, skl, skd, tile_nd, EVEN, UPCAST)
-    v = _load_tile(V + b * svb + h * svh, offs_n, offs_d, svl, svd, tile_nd, EVEN, UPCAST)
-    bias_cols = BIAS + tl.load(INDEX + b).to(tl.int64) * L * L + offs_n[None, :]
+    k = _load_tile(_slab(K, b, h, first, skb, skh, skl, VARLEN), offs_n, offs_d, skl, skd, tile_nd, EVEN, UPCAST)
+    v = _load_tile(_slab(V, b, h, first, svb, svh, svl, VARLEN), offs_n, offs_d, svl, svd, tile_nd, EVEN, UPCAST)
+    bias_cols = BIAS + tl.load(INDEX + b).to(tl.int64) * LB * LB + offs_n[None, :]
     key_bias = tl.zeros([BLOCK_N], tl.float32)
     if HAS_KEY_BIAS:
-        key_bias = tl.load(KEY_BIAS + b * skbb + offs_n, mask=n_ok, other=0.0) * 1.4426950408889634
-    q_base = Q + b * sqb + h * sqh
-    do_base = DO + b * sdob + h * sdoh
-    LSE_ROW = LSE + pid_bh * L
-    DELTA_ROW = DELTA + pid_bh * L
-    mask_base = MASK + pid_bh * L * W
+        key_bias = tl.load(KEY_BIAS + b.to(tl.int64) * skbb + offs_n, mask=n_ok, other=0.0) * 1.4426950408889634
+    q_base = _slab(Q, b, h, first, sqb, sqh, sql, VARLEN)
+    do_base = _slab(DO, b, h, first, sdob, sdoh, sdol, VARLEN)
+    LSE_ROW = _row_stats(LSE, pid_bh, h, first, L, N_TOKENS, VARLEN)
+    DELTA_ROW = _row_stats(DELTA, pid_bh, h, first, L, N_TOKENS, VARLEN)
+    mask_base = MASK + pid_bh.to(tl.int64) * LB * W
     dropout_scale = 1.0 / (1.0 - dropout_p)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if HAS_BLOCK_BIAS:
         band_lo, band_hi = _band(n0, L, C, BLOCK_N)  # the queries whose diagonal block meets these keys
-        first = band_lo // BLOCK_M * BLOCK_M
+        band_first = band_lo // BLOCK_M * BLOCK_M
         after = tl.cdiv(band_hi, BLOCK_M) * BLOCK_M
-        for m0 in range(0, first, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, offs_n, offs_d, d_ok, L, qk_scale,
+        for m0 in range(0, band_first, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, offs_n, offs_d, d_ok, L, LB, qk_scale,
                                 bias_cols, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_scale, sql, sqd, sdol,
                                 sdod, W, False, HAS_KEY_BIAS, DROPOUT, EVEN, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
-        for m0 in range(first, band_hi, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, offs_n, offs_d, d_ok, L, qk_scale,
+        for m0 in range(band_first, band_hi, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, offs_n, offs_d, d_ok, L, LB, qk_scale,
                                 bias_cols, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_scale, sql, sqd, sdol,
                                 sdod, W, True, HAS_KEY_BIAS, DROPOUT, EVEN, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
         for m0 in range(after, L, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, offs_n, offs_d, d_ok, L, qk_scale,
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, offs_n, offs_d, d_ok, L, LB, qk_scale,
                                 bias_cols, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_scale, sql, sqd, sdol,
                                 sdod, W, False, HAS_KEY_BIAS, DROPOUT, EVEN, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
     else:
         for m0 in range(0, L, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, offs_n, offs_d, d_ok, L, qk_scale,
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, offs_n, offs_d, d_ok, L, LB, qk_scale,
                                 bias_cols, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_scale, sql, sqd, sdol,
                                 sdod, W, False, HAS_KEY_BIAS, DROPOUT, EVEN, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
+    if DROPOUT:
+        dv = dv * dropout_scale
     # DK and DV are contiguous and alike: one set of strides (sg*) serves both.
-    grad_offs = b * sgb + h * sgh + offs_n[:, None] * sgl + offs_d[None, :] * sgd
+    grad_offs = offs_n[:, None] * sgl + offs_d[None, :] * sgd
     dk = (dk * (qk_scale * 0.6931471805599453)).to(DK.dtype.element_ty)
     if EVEN:
-        tl.store(DK + grad_offs, dk)
-        tl.store(DV + grad_offs, dv.to(DV.dtype.element_ty))
+        tl.store(_slab(DK, b, h, first, sgb, sgh, sgl, VARLEN) + grad_offs, dk)
+        tl.store(_slab(DV, b, h, first, sgb, sgh, sgl, VARLEN) + grad_offs, dv.to(DV.dtype.element_ty))
     else:
-        tl.store(DK + grad_offs, dk, mask=tile_nd)
-        tl.store(DV + grad_offs, dv.to(DV.dtype.element_ty), mask=tile_nd)
+        tl.store(_slab(DK, b, h, first, sgb, sgh, sgl, VARLEN) + grad_offs, dk, mask=tile_nd)
+        tl.store(_slab(DV, b, h, first, sgb, sgh, sgl, VARLEN) + grad_offs, dv.to(DV.dtype.element_ty), mask=tile_nd)
 
 
 @triton.jit
-def _bwd_dtable_kernel(DS_SUM, INDEX, DTABLE, B, GROUPS, L, C, L_MAX, stg, stl, stc,
-                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _bwd_dtable_kernel(DS_SUM, INDEX, DTABLE, CU_SEQLENS, B, GROUPS, L, LB, C, L_MAX, stg, stl, stc,
+                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, VARLEN: tl.constexpr = False):
     """DTABLE[g, i, col] = Σ_{b: index[b] = g} Σ_groups DS_SUM[b, ·, i, c·(i // c) + col], in float64, in the
-    order b = 0, 1, ... (deterministic); rows L .. L_max get 0 (no gradient reached them)."""
+    order b = 0, 1, ... (deterministic); rows L .. L_max get 0 (no gradient reached them). DS_SUM is
+    [B, GROUPS, LB, LB]; varlen, b is a sequence and only its Ls×Ls corner counts."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     g = tl.program_id(1)
     offs_c = tl.arange(0, BLOCK_C)
     cols = ((offs_m // C) * C)[:, None] + offs_c[None, :]
-    inside = (offs_m[:, None] < L) & (offs_c[None, :] < C) & (cols < L)
     total = tl.zeros([BLOCK_M, BLOCK_C], tl.float64)
-    example = DS_SUM + offs_m[:, None] * L + cols  # example b's band; pointer steps keep the offsets 64-bit
+    example = DS_SUM + offs_m[:, None] * LB + cols  # example b's band; pointer steps keep the offsets 64-bit
     for b in range(0, B):
         if tl.load(INDEX + b) == g:
+            _, Lb = _sequence(CU_SEQLENS, b, L, VARLEN)
+            inside = (offs_m[:, None] < Lb) & (offs_c[None, :] < C) & (cols < Lb)  # the rest was never written
             for group in range(0, GROUPS):
-                total += tl.load(example + group * L * L, mask=inside, other=0.0).to(tl.float64)
-        example += GROUPS * L * L
+                total += tl.load(example + group * LB * LB, mask=inside, other=0.0).to(tl.float64)
+        example += GROUPS * LB * LB
     tl.store(DTABLE + g.to(tl.int64) * stg + offs_m[:, None] * stl + offs_c[None, :] * stc,
              total.to(tl.float32).to(DTABLE.dtype.element_ty), mask=(offs_m[:, None] < L_MAX) & (offs_c[None, :] < C))
 
@@ -461,6 +514,9 @@ def _word(cfg) -> int:
 
 
 def _strides(t: torch.Tensor):
+    """(batch, head, row, column) strides of a [B, H, L, d] tensor; of a packed [N, H, d] one, batch stride 0."""
+    if t.dim() == 3:
+        return (0, t.stride(1), t.stride(0), t.stride(2))
     return tuple(t.stride())
 
 
@@ -475,54 +531,28 @@ def dense_bias(table: torch.Tensor, L: int) -> torch.Tensor:
     if bias.numel():
         block = 16 if interpreting() else 64
         _dense_bias_kernel[(triton.cdiv(L, block), triton.cdiv(L, block), G)](
-            table, bias, *_strides(table), L, C, BLOCK_M=block, BLOCK_N=block)
+            table, bias, *table.stride(), L, C, BLOCK_M=block, BLOCK_N=block)
     return bias
 
 
-def dropout_mask_shape(q_shape, dtype: torch.dtype, dropout_p: float) -> tuple:
-    """The shape of the forward's dropout bit mask for q of this shape: (0,) without dropout or with no element."""
-    B, H, L, D = q_shape
-    if dropout_p == 0.0 or B * H * L * D == 0:
+def dropout_mask_shape(programs: int, L: int, d: int, dtype: torch.dtype, dropout_p: float) -> tuple:
+    """The shape of the forward's dropout bit mask: [programs = B·H (S·H packed), L, words], or (0,) without
+    dropout or with nothing to drop."""
+    if dropout_p == 0.0 or programs * L * d == 0:
         return (0,)
-    return (B * H, L, triton.cdiv(L, _word(_config_for(D, dtype))))
+    return (programs, L, triton.cdiv(L, _word(_config_for(d, dtype))))
 
 
-def dropout_mask(B: int, H: int, L: int, dropout_p: float, seed: int, word: int, device) -> torch.Tensor:
-    """The keep mask as bits: [B·H, L, ⌈L / word⌉] int32 (bit k of word w: key w·word + k)."""
+def _dropout_mask(programs, H, L, dropout_p, seed, word, device, cu_seqlens=None) -> torch.Tensor:
+    """The keep mask as bits: [programs, L, ⌈L / word⌉] int32 (bit k of word w: key w·word + k)."""
     W = triton.cdiv(L, word)
-    mask = torch.empty((B * H, L, W), dtype=torch.int32, device=device)
-    if mask.numel():
-        block_m = 16
-        _dropout_mask_kernel[(triton.cdiv(L, block_m), B * H)](
-            mask, L, W, dropout_p, seed, BLOCK_M=block_m, BLOCK_W=triton.next_power_of_2(W), WORD=word)
+    mask = torch.empty((programs, L, W), dtype=torch.int32, device=device)
+    block_m = 16
+    varlen = cu_seqlens is not None
+    _dropout_mask_kernel[(triton.cdiv(L, block_m), programs)](
+        mask, cu_seqlens if varlen else mask, H, L, L, W, dropout_p, seed, BLOCK_M=block_m,
+        BLOCK_W=triton.next_power_of_2(W), WORD=word, VARLEN=varlen)
     return mask
-
-
-def attention_forward(q, k, v, table, index, key_bias, scale, dropout_p, seed):
-    """Launches the forward. Returns (out [B, H, L, d], lse [B, H, L] fp32, bias [G, L, L], the dropout bit mask
-    (dropout_mask_shape)): the last two are what the backward reads again."""
-    B, H, L, D = q.shape
-    cfg = _config(q)
-    word = _word(cfg)
-    out = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
-    bias = dense_bias(table, L)
-    dropout = dropout_p > 0.0
-    if dropout and out.numel():
-        mask = dropout_mask(B, H, L, dropout_p, seed, word, q.device)
-    else:
-        mask = torch.empty(dropout_mask_shape(q.shape, q.dtype, dropout_p), dtype=torch.int32, device=q.device)
-    if out.numel() == 0:
-        return out, lse, bias, mask
-    has_kb = key_bias is not None
-    grid = (triton.cdiv(L, cfg["BLOCK_M"]), B * H)
-    _fwd_kernel[grid](
-        q, k, v, out, lse, bias, index, key_bias if has_kb else lse, mask if dropout else lse,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out), key_bias.stride(0) if has_kb else 0,
-        H, L, table.shape[2], D, triton.cdiv(L, word), scale * LOG2E, dropout_p,
-        HAS_KEY_BIAS=has_kb, DROPOUT=dropout, EVEN=_even(L, D, cfg), WORD=word, num_warps=FORWARD_WARPS, **cfg,
-    )
-    return out, lse, bias, mask
 
 
 def heads_per_program(B: int, H: int, L: int, block_m: int, device: torch.device) -> int:
@@ -535,9 +565,50 @@ def heads_per_program(B: int, H: int, L: int, block_m: int, device: torch.device
     return 1
 
 
-def attention_backward(dout, q, k, v, out, lse, bias, mask, table, index, key_bias, scale, dropout_p):
-    """Launches the backward. Returns dq, dk, dv (in q's layout and dtype) and dtable [G, L_max, c] (table's dtype)."""
-    B, H, L, D = q.shape
+def _forward(q, k, v, table, index, key_bias, scale, dropout_p, seed, cu_seqlens=None, max_seqlen=None):
+    """Padded (q [B, H, L, d]) or packed (q [N, H, d], cu_seqlens [S+1], max_seqlen): the forward's launches."""
+    varlen = cu_seqlens is not None
+    if varlen:
+        N, H, D = q.shape
+        B, L, N_TOKENS = cu_seqlens.shape[0] - 1, max_seqlen, N
+        lse = torch.empty((H, N), dtype=torch.float32, device=q.device)
+    else:
+        B, H, L, D = q.shape
+        N_TOKENS = 0
+        lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    cfg = _config(q)
+    word = _word(cfg)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    bias = dense_bias(table, L)
+    dropout = dropout_p > 0.0
+    if dropout and out.numel():
+        mask = _dropout_mask(B * H, H, L, dropout_p, seed, word, q.device, cu_seqlens)
+    else:
+        mask = torch.empty(dropout_mask_shape(B * H, L, D, q.dtype, dropout_p), dtype=torch.int32, device=q.device)
+    if out.numel() == 0:
+        return out, lse, bias, mask
+    has_kb = key_bias is not None
+    _fwd_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), B * H)](
+        q, k, v, out, lse, bias, index, key_bias if has_kb else lse, mask if dropout else lse,
+        cu_seqlens if varlen else lse,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), key_bias.stride(0) if has_kb else 0,
+        H, L, L, table.shape[2], D, triton.cdiv(L, word), N_TOKENS, scale * LOG2E, dropout_p,
+        HAS_KEY_BIAS=has_kb, DROPOUT=dropout, EVEN=not varlen and _even(L, D, cfg), WORD=word, VARLEN=varlen,
+        num_warps=FORWARD_WARPS, **cfg,
+    )
+    return out, lse, bias, mask
+
+
+def _backward(dout, q, k, v, out, lse, bias, mask, table, index, key_bias, scale, dropout_p, cu_seqlens=None,
+              max_seqlen=None):
+    """The backward's launches (padded, or packed with cu_seqlens): dq, dk, dv and dtable [G, L_max, c]."""
+    varlen = cu_seqlens is not None
+    if varlen:
+        N, H, D = q.shape
+        B, L, N_TOKENS = cu_seqlens.shape[0] - 1, max_seqlen, N
+    else:
+        B, H, L, D = q.shape
+        N_TOKENS = 0
     G, L_max, C = table.shape
     cfg = _config(q)
     word = _word(cfg)
@@ -546,28 +617,53 @@ def attention_backward(dout, q, k, v, out, lse, bias, mask, table, index, key_bi
         return dq, dk, dv, torch.zeros_like(table)
     hpp = heads_per_program(B, H, L, cfg["BLOCK_M"], q.device)
     groups = H // hpp
-    delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)  # written by the dq kernel
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)  # written by the dq kernel
     ds_sum = torch.empty((B, groups, L, L), dtype=torch.float32, device=q.device)  # only band tiles are written
     has_kb = key_bias is not None
     dropout = dropout_p > 0.0
     kb = key_bias if has_kb else lse
     bits = mask if dropout else lse
-    common = (H, L, C, D, triton.cdiv(L, word), scale * LOG2E, dropout_p)
-    flags = dict(HAS_KEY_BIAS=has_kb, DROPOUT=dropout, EVEN=_even(L, D, cfg), WORD=word, num_warps=BACKWARD_WARPS,
-                 **cfg)
+    cu = cu_seqlens if varlen else lse
+    common = (H, L, L, C, D, triton.cdiv(L, word), N_TOKENS, scale * LOG2E, dropout_p)
+    flags = dict(HAS_KEY_BIAS=has_kb, DROPOUT=dropout, EVEN=not varlen and _even(L, D, cfg), WORD=word,
+                 VARLEN=varlen, num_warps=BACKWARD_WARPS, **cfg)
     kb_stride = key_bias.stride(0) if has_kb else 0
     # The dq kernel runs first: it writes delta, which the dkdv kernel reads (same stream, so ordered).
     _bwd_dq_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), B, groups)](
-        q, k, v, dout, out, lse, delta, dq, ds_sum, bias, index, kb, bits,
+        q, k, v, dout, out, lse, delta, dq, ds_sum, bias, index, kb, bits, cu,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(out), *_strides(dq), kb_stride,
         *common, HEADS_PER_PROGRAM=hpp, **flags)
     _bwd_dkdv_kernel[(triton.cdiv(L, cfg["BLOCK_N"]), B * H)](
-        q, k, v, dout, lse, delta, dk, dv, bias, index, kb, bits,
+        q, k, v, dout, lse, delta, dk, dv, bias, index, kb, bits, cu,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), kb_stride,
         *common, **flags)
     dtable = torch.empty_like(table)
     block_m = 16 if interpreting() else 32
     _bwd_dtable_kernel[(triton.cdiv(L_max, block_m), G)](
-        ds_sum, index, dtable, B, groups, L, C, L_max, *_strides(dtable),
-        BLOCK_M=block_m, BLOCK_C=triton.next_power_of_2(C))
+        ds_sum, index, dtable, cu, B, groups, L, L, C, L_max, *dtable.stride(),
+        BLOCK_M=block_m, BLOCK_C=triton.next_power_of_2(C), VARLEN=varlen)
     return dq, dk, dv, dtable
+
+
+def attention_forward(q, k, v, table, index, key_bias, scale, dropout_p, seed):
+    """Launches the forward. Returns (out [B, H, L, d], lse [B, H, L] fp32, the dense bias [G, L, L], the dropout
+    bit mask (dropout_mask_shape)): the last two are what the backward reads again."""
+    return _forward(q, k, v, table, index, key_bias, scale, dropout_p, seed)
+
+
+def attention_backward(dout, q, k, v, out, lse, bias, mask, table, index, key_bias, scale, dropout_p):
+    """Launches the backward. Returns dq, dk, dv (in q's layout and dtype) and dtable [G, L_max, c] (table's dtype)."""
+    return _backward(dout, q, k, v, out, lse, bias, mask, table, index, key_bias, scale, dropout_p)
+
+
+def attention_forward_varlen(q, k, v, cu_seqlens, max_seqlen, table, index, scale, dropout_p, seed):
+    """Packed: q, k, v [N, H, d], sequences cu_seqlens [S+1] of at most max_seqlen tokens, index [S]. Returns
+    (out [N, H, d], lse [H, N] fp32, the dense bias [G, max_seqlen, max_seqlen], the dropout bit mask)."""
+    return _forward(q, k, v, table, index, None, scale, dropout_p, seed, cu_seqlens, max_seqlen)
+
+
+def attention_backward_varlen(dout, q, k, v, out, lse, bias, mask, cu_seqlens, max_seqlen, table, index, scale,
+                              dropout_p):
+    """Packed backward: dq, dk, dv [N, H, d] and dtable [G, L_max, c] (table's dtype)."""
+    return _backward(dout, q, k, v, out, lse, bias, mask, table, index, None, scale, dropout_p, cu_seqlens,
+                     max_seqlen)

@@ -284,10 +284,10 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: tor
 def _(q, k, v, table, index, key_bias, scale, dropout_p, seed):
     from camtl.kernels.attention import dropout_mask_shape
 
-    L = q.shape[2]
+    B, H, L, d = q.shape
     return (q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32),
             q.new_empty((table.shape[0], L, L), dtype=torch.float32),
-            q.new_empty(dropout_mask_shape(q.shape, q.dtype, dropout_p), dtype=torch.int32))
+            q.new_empty(dropout_mask_shape(B * H, L, d, q.dtype, dropout_p), dtype=torch.int32))
 
 
 @torch.library.custom_op("camtl::conditional_attention_bwd", mutates_args=())
