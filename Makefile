@@ -16,7 +16,7 @@ export GPU_CHECK_OUT ?= gpu-check-out
 
 venv: $(VENV)/.camtl-installed
 
-$(VENV)/.camtl-installed: setup.py pyproject.toml scripts/bootstrap.sh
+$(VENV)/.camtl-installed: setup.py pyproject.toml scripts/bootstrap.sh $(wildcard csrc/*)
 	VENV=$(VENV) PYTHON=$(PYTHON) bash scripts/bootstrap.sh
 	touch $@
 

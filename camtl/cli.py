@@ -133,10 +133,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                                                   "available, else cpu)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--fp16", action="store_true", help="float16 autocast, with loss scaling")
-    # Off by default until every backend's packed path is checked (issue 11): padded batches are the reference.
-    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=False,
+    # None: pack when the model and backend can (a probe decides, see _collator).
+    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
                    help="pack each batch's examples end to end, without padding (the same results on fewer "
-                        "tokens); --no-packing pads each batch to its longest example (default)")
+                        "tokens; the default where the model and backend can, else padding, said in one line); "
+                        "--no-packing pads each batch to its longest example")
+    p.add_argument("--max_tokens_per_batch", type=_int_at_least(1), default=None,
+                   help="a token budget per batch (per process): a batch holds examples up to N real tokens, "
+                        "and at most the batch size in examples; at least --max_seq_length (default: batches "
+                        "of the batch size in examples)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -329,9 +334,19 @@ def _training_arguments(args, demo: bool):
         seed=args.seed, bf16=args.bf16, fp16=args.fp16, sampling=sampling,
         mt_uncertainty_published=args.mt_uncertainty_published, freeze_encoder_layers=args.freeze_encoder_layers,
         logging_steps=args.logging_steps, eval_steps=args.eval_steps, save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit, skip_nonfinite_steps=args.skip_nonfinite_steps)
+        save_total_limit=args.save_total_limit, skip_nonfinite_steps=args.skip_nonfinite_steps,
+        max_tokens_per_batch=args.max_tokens_per_batch)
     with _user_errors():
         return TrainingArguments(**kwargs)
+
+
+def _check_token_budget(args, max_len: int) -> None:
+    """The budget must hold one example of max_len tokens: no example is dropped or cut to fit it."""
+    budget = args.max_tokens_per_batch
+    if budget is not None and budget < max_len:
+        raise CliError(f"--max_tokens_per_batch {budget} is less than the max_seq_length of {max_len}: an "
+                       f"example may have {max_len} tokens and must fit in a batch; give --max_tokens_per_batch "
+                       f">= {max_len}")
 
 
 def _check_train_paths(args) -> None:
@@ -368,11 +383,16 @@ def _train(args) -> int:
     demo = args.data_dir is None
     with _removed_on_failure(args.output_dir):
         targs = _training_arguments(args, demo)
+        _check_token_budget(args, _train_max_seq_length(args, demo))
         _check_train_paths(args)
         model_path = args.model_name_or_path or _default_model()
         with _user_errors():
             trainer, model, tokenizer, specs = _build_trainer(args, targs, demo, model_path)
     return _run_training(args, trainer, model, tokenizer, specs)
+
+
+def _train_max_seq_length(args, demo: bool) -> int:
+    return args.max_seq_length if args.max_seq_length is not None else (64 if demo else 128)
 
 
 def _build_trainer(args, targs, demo: bool, model_path: str):
@@ -387,7 +407,7 @@ def _build_trainer(args, targs, demo: bool, model_path: str):
     if demo:  # the embedded default: generated toy tasks, sized for a few CPU minutes
         args.data_dir = os.path.join(args.output_dir, "toy-data")
         toy.write(args.data_dir, seed=0, n_train=400, n_dev=200, n_test=200)
-    max_len = args.max_seq_length if args.max_seq_length is not None else (64 if demo else 128)
+    max_len = _train_max_seq_length(args, demo)
     specs = _specs(args.tasks, args.data_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     train_set = MultiTaskDataset.from_specs(specs, args.data_dir, "train", tokenizer, max_len)
@@ -403,17 +423,49 @@ def _build_trainer(args, targs, demo: bool, model_path: str):
     model.to(device)
     # Checkpoints also hold the tokenizer and tasks.json: eval/predict take a checkpoint-N folder, of a
     # finished run or of one still going (its output folder has them only at the end).
-    trainer = Trainer(model, targs, train_set, _collator(args, tokenizer, max_len),
+    trainer = Trainer(model, targs, train_set, _collator(args, model, tokenizer, max_len),
                       evals, lambda t, p, y: compute_metrics(specs[t], p, y), [s.name for s in specs],
                       save_extra=lambda path: _save_run_files(path, tokenizer, specs))
     return trainer, model, tokenizer, specs
 
 
-def _collator(args, tokenizer, max_len: int):
-    """The batches' collator: packed (--packing) or padded to each batch's longest example."""
+def _collator(args, model, tokenizer, max_len: int):
+    """The batches' collator: packed unless --no-packing, or unless the model and backend cannot run packed
+    input (then padded, said in one line); padded batches stop at each batch's longest example."""
     from camtl.data import DynamicPaddingCollator, PackingCollator
 
-    return PackingCollator(max_len) if args.packing else DynamicPaddingCollator(tokenizer.pad_token_id, max_len)
+    why_not = "--no-packing" if args.packing is False else _why_packing_fails(args, model)
+    if why_not is None:
+        return PackingCollator(max_len)
+    if args.packing is not False and _is_main_process():
+        print(f"camtl: packing is off, batches are padded: {why_not}", file=sys.stderr)
+    return DynamicPaddingCollator(tokenizer.pad_token_id, max_len)
+
+
+def _why_packing_fails(args, model) -> Optional[str]:
+    """None if ``model`` runs packed input on this backend and device, else why not.
+
+    A probe, two short packed sequences through the model: a backend that lacks a packed (varlen) op says
+    so with BackendUnavailableError; any other error is a bug and propagates."""
+    import torch
+
+    from camtl.backends import BackendUnavailableError
+
+    device = next(model.parameters()).device
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast:
+            model(input_ids=torch.ones(1, 3, dtype=torch.long, device=device),
+                  position_ids=torch.tensor([[0, 1, 0]], device=device),
+                  task_id=torch.zeros(2, dtype=torch.long, device=device))
+    except BackendUnavailableError as exc:
+        return _message(exc)
+    finally:
+        model.train(was_training)
+    return None
 
 
 def _save_run_files(output_dir: str, tokenizer, specs) -> None:
@@ -513,7 +565,7 @@ def _load_trained(args):
 
     with _user_errors():
         targs = TrainingArguments(per_device_eval_batch_size=args.per_device_eval_batch_size, bf16=args.bf16,
-                                  fp16=args.fp16, progress=False)
+                                  fp16=args.fp16, progress=False, max_tokens_per_batch=args.max_tokens_per_batch)
     return folder, tokenizer_dir, specs, targs
 
 
@@ -536,11 +588,15 @@ def _load_model(args, folder, tokenizer_dir, specs, targs):
     if max_len > model.config.max_seq_length:
         raise CliError(f"--max_seq_length {max_len}: the model was trained with max_seq_length="
                        f"{model.config.max_seq_length}, the most it takes")
+    _check_token_budget(args, max_len)
 
     class _Empty:  # no training set: the Trainer only predicts
         task_indices = [[0]]
 
-    trainer = Trainer(model, targs, _Empty(), _collator(args, tokenizer, max_len))
+        def lengths(self):
+            return [1]
+
+    trainer = Trainer(model, targs, _Empty(), _collator(args, model, tokenizer, max_len))
     return tokenizer, max_len, trainer
 
 

@@ -20,7 +20,7 @@ def collect() -> Dict[str, Any]:
     import torch
 
     import camtl
-    from camtl.backends import backend_states, requested_backend
+    from camtl.backends import TENSOR_CORE_OPS, backend_states, float32_cuda_path, requested_backend
 
     if torch.cuda.is_available():
         idx = torch.cuda.current_device()
@@ -30,8 +30,10 @@ def collect() -> Dict[str, Any]:
         device = f"cpu ({platform.processor() or platform.machine()}), no CUDA device visible to torch"
     try:
         requested = requested_backend()
+        fp32_path, fp32_why = float32_cuda_path()
     except ValueError as exc:
         requested = f"invalid: {exc}"
+        fp32_path, fp32_why = "unknown", "the requested backend is invalid"
     return {
         "camtl": camtl.__version__,
         "python": sys.version.split()[0],
@@ -40,6 +42,8 @@ def collect() -> Dict[str, Any]:
         "transformers": _version("transformers"),
         "device": device,
         "requested_backend": requested,
+        # What float32 CUDA inputs of the matmul ops run on now (TF32 tensor cores or the torch backend), and why.
+        "float32_cuda": {"ops": list(TENSOR_CORE_OPS), "path": fp32_path, "reason": fp32_why},
         "backends": {
             name: {"available": st.available, "reason": st.reason, "ops": list(st.ops)}
             for name, st in backend_states().items()
@@ -59,4 +63,7 @@ def info(file=None) -> Dict[str, Any]:
         state = "on " if st["available"] else "off"
         print(f"  {name:<7} {state}  {st['reason']}", file=out)
         print(f"  {'':<7}      ops: {', '.join(st['ops']) or 'none'}", file=out)
+    fp32 = data["float32_cuda"]
+    print(f"{'float32 CUDA':<14} {', '.join(fp32['ops'])} run on: {fp32['path']}", file=out)
+    print(f"{'':<14} {fp32['reason']}", file=out)
     return data

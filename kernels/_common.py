@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
+from typing import Iterator, Optional, Tuple
 
 import torch
 import triton
@@ -16,17 +19,69 @@ def interpreting() -> bool:
 def dot_flags(dtype: torch.dtype):
     """(UPCAST, PRECISION) for ``tl.dot`` on operands of ``dtype``.
 
-    The interpreter's bf16 dot is wrong, so bf16 operands are upcast there.
-    fp32 operands get exact products (no TF32); 16-bit ones the default.
+    On a GPU, fp32 operands multiply on TF32 tensor cores ("tf32"), never on plain FMAs ("ieee": no
+    tensor cores, kilobytes of spills); the dispatcher sends float32 CUDA inputs to these kernels only
+    when torch allows TF32 (camtl.backends.TENSOR_CORE_OPS; the launches check it with require_tf32).
+    16-bit operands take the default (tensor cores).
+    Under the interpreter (CPU tests) fp32 products are exact ("ieee"), so the kernels match the torch
+    reference to fp32 tolerances, and bf16 operands are upcast: the interpreter's bf16 dot is wrong.
     """
-    upcast = interpreting() and dtype == torch.bfloat16
-    precision = "ieee" if (dtype == torch.float32 or upcast) else None
-    return upcast, precision
+    if interpreting():
+        upcast = dtype == torch.bfloat16
+        return upcast, ("ieee" if (dtype == torch.float32 or upcast) else None)
+    return False, ("tf32" if dtype == torch.float32 else None)
+
+
+def require_tf32(dtype: torch.dtype, device: torch.device, op: str) -> None:
+    """Raises BackendUnavailableError if a float32 CUDA launch would use TF32 where torch does not allow it.
+
+    The dispatcher never sends such inputs here (camtl.backends.resolve); this guards direct calls.
+    """
+    from camtl.backends import BackendUnavailableError, float32_tensor_core_problem
+
+    problem = float32_tensor_core_problem(op, device.type, dtype)
+    if problem is not None:
+        raise BackendUnavailableError(f"the Triton kernel of {op!r} cannot take float32 CUDA inputs: {problem}")
+
+
+# (compute capability, SM count) of the GPU that launches on meta tensors stand for; see simulated_gpu.
+_SIMULATED_GPU: contextvars.ContextVar[Optional[Tuple[Tuple[int, int], int]]] = contextvars.ContextVar(
+    "camtl_simulated_gpu", default=None)
+
+
+@contextlib.contextmanager
+def simulated_gpu(capability: Tuple[int, int], sm_count: int) -> Iterator[None]:
+    """Inside the block, launches on meta tensors size their grids and pick configurations as on this GPU.
+
+    For tools that record launches without a GPU (scripts/kernel_report.py), so that they record
+    what an sm_80 or sm_90 device would launch, e.g. ``simulated_gpu((9, 0), 132)`` for an H100 SXM.
+    """
+    if len(capability) != 2 or sm_count < 1:
+        raise ValueError(f"simulated_gpu: capability must be (major, minor) and sm_count >= 1, "
+                         f"got {capability!r}, {sm_count!r}")
+    token = _SIMULATED_GPU.set((tuple(capability), int(sm_count)))
+    try:
+        yield
+    finally:
+        _SIMULATED_GPU.reset(token)
 
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def gpu_capability(device: torch.device) -> Optional[Tuple[int, int]]:
+    """The compute capability launches on ``device`` run on: a CUDA device's, the simulated GPU's for meta
+    tensors inside ``simulated_gpu``, else None (CPU tensors under the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(_cuda_index(device))
+    simulated = _SIMULATED_GPU.get()
+    return simulated[0] if device.type == "meta" and simulated is not None else None
 
 
 def target_programs(device: torch.device) -> int:
@@ -35,10 +90,12 @@ def target_programs(device: torch.device) -> int:
     Each program adds a row of partials (read again by the second stage), so
     more programs than the device runs at once only add traffic.
     """
+    simulated = _SIMULATED_GPU.get()
+    if device.type == "meta" and simulated is not None:
+        return 2 * simulated[1]
     if device.type != "cuda":
         return 8
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return 2 * _sm_count(index)
+    return 2 * _sm_count(_cuda_index(device))
 
 
 def rows_per_chunk(rows: int, programs_per_chunk: int, block_m: int, device: torch.device) -> int:

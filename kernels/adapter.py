@@ -10,6 +10,8 @@ One GEMM program computes a [BLOCK_M, BLOCK_N] tile of y; FiLM is applied to
 each A tile as it is loaded (each row gathers its task's γ, β), so A is never
 stored and no sort by task is needed. A is rounded to the input dtype before
 the dot, as the unfused FiLM would store it (fp32 math, fp32 accumulation).
+float32 inputs multiply on TF32 tensor cores on a GPU, and only where torch
+allows TF32 (``_common.dot_flags``, ``require_tf32``); exactly under the interpreter.
 
 The backward (in camtl.ops.adapter) is, with dA = dy W:
 
@@ -25,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_flags, interpreting
+from ._common import dot_flags, interpreting, require_tf32
 
 
 @triton.jit
@@ -62,13 +64,18 @@ def _fwd_kernel(X, GAMMA, BETA, INDEX, W, BIAS, Y, M, N, D, L,
 
 
 def _config(dtype: torch.dtype):
+    """Tiles and dot flags. One choice for sm_80 and sm_90a: 0 spills on both (scripts/kernel_report.py).
+
+    The FiLM prologue holds three fp32 [BLOCK_M, BLOCK_K] tiles (x, γ, β) besides the accumulator, so
+    128×64 tiles on 4 warps need 255 registers and spill 88-140 B on sm_80; 64×64 ones need 130-146.
+    BLOCK_K keeps a K step at 128 bytes per row (64 16-bit or 32 fp32 elements).
+    """
     upcast, precision = dot_flags(dtype)
     if interpreting():
         blocks = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4)
-    elif dtype == torch.float32:
-        blocks = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
     else:
-        blocks = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+        block_k = 32 if dtype == torch.float32 else 64
+        blocks = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, num_warps=4, num_stages=3)
     return dict(UPCAST=upcast, PRECISION=precision, **blocks)
 
 
@@ -77,6 +84,7 @@ def film_linear_forward(x, gamma, beta, index, weight, bias):
     B, L, D = x.shape
     N = weight.shape[0]
     M = B * L
+    require_tf32(x.dtype, x.device, "film_linear")
     y = torch.empty((B, L, N), dtype=x.dtype, device=x.device)
     if M and N:
         cfg = _config(x.dtype)

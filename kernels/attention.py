@@ -34,11 +34,23 @@ so it sums dS over those heads in its own dense band tiles of DS_SUM
 head groups and over each task's examples, in a fixed order, into dT
 [G, L_max, c]: every sum is deterministic, with no atomics.
 
+Varlen (VARLEN=True, packed sequences): q, k, v are [N, H, d] holding S
+sequences end to end, CU_SEQLENS [S+1] their boundaries. Program (tile, s·H + h)
+runs sequence s alone: L is its length Ls = cu[s+1] - cu[s], its rows start at
+token cu[s], its task row is index[s], there is no key bias, and a tile at or
+past Ls returns at once (the grid is sized for the longest sequence, LB). LSE
+and Δ are [H, N]; the dense bias, the dropout mask and DS_SUM are laid out
+for LB rows. The dropout counter is (i·Ls + j, s·H + h), i and j counted from
+the sequence start.
+
+Offsets: the base of each (b, h) slab (b·stride_b or the sequence's first
+token · stride_l, h·stride_h, the LSE / Δ rows) is int64, since B·H·L·d can
+pass 2^31; offsets inside one slab stay int32: they need L times the row
+stride below 2^31 (512 rows of stride under 2^22, BERT's by far).
+
 Under TRITON_INTERPRET=1, bf16 operands are upcast before ``tl.dot`` (the
 interpreter's bf16 dot is wrong). HAS_BLOCK_BIAS=False compiles M out (and
 dT's stores): plain flash attention, the yardstick of scripts/kernel_report.py.
-Offsets: the per-(b, h) bases are int64; offsets inside one (b, h) slab are
-int32 (a slab of 2³¹ elements would be L·d >= 2³¹).
 """
 
 from __future__ import annotations
@@ -47,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_flags, interpreting, target_programs
+from ._common import dot_flags, interpreting, require_tf32, target_programs
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -567,6 +579,7 @@ def heads_per_program(B: int, H: int, L: int, block_m: int, device: torch.device
 
 def _forward(q, k, v, table, index, key_bias, scale, dropout_p, seed, cu_seqlens=None, max_seqlen=None):
     """Padded (q [B, H, L, d]) or packed (q [N, H, d], cu_seqlens [S+1], max_seqlen): the forward's launches."""
+    require_tf32(q.dtype, q.device, "conditional_attention")
     varlen = cu_seqlens is not None
     if varlen:
         N, H, D = q.shape
@@ -602,6 +615,7 @@ def _forward(q, k, v, table, index, key_bias, scale, dropout_p, seed, cu_seqlens
 def _backward(dout, q, k, v, out, lse, bias, mask, table, index, key_bias, scale, dropout_p, cu_seqlens=None,
               max_seqlen=None):
     """The backward's launches (padded, or packed with cu_seqlens): dq, dk, dv and dtable [G, L_max, c]."""
+    require_tf32(q.dtype, q.device, "conditional_attention")
     varlen = cu_seqlens is not None
     if varlen:
         N, H, D = q.shape

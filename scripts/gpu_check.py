@@ -6,11 +6,12 @@ order, each in its own process group under its own time limit, and writes their 
 (default gpu-check-out/):
 
     part                 budget (s)   writes
-    install                  40       install.log         pip install --no-deps --no-build-isolation -e .
+    install                  55       install.log         pip install --no-deps --no-build-isolation -e .
+                                                          (camtl._C for this GPU's arch only, when nvcc is here)
     environment              10       environment.txt     date, nvidia-smi, camtl info
-    tests/gpu               100       gpu-tests.txt/.xml  pytest tests/gpu (junit XML: what ran and was skipped)
+    tests/gpu                95       gpu-tests.txt/.xml  pytest tests/gpu (junit XML: what ran and was skipped)
     bench_<name>, each      25-70     bench_<name>.json   benchmarks/run.py --only <name>
-    kernel report            45       kernel-report/      scripts/kernel_report.py, compiled on this machine's CPUs
+    kernel report            40       kernel-report/      scripts/kernel_report.py, compiled on this machine's CPUs
     summary figure           10       summary.png         benchmarks/plot.py
 
 The budgets sum to 400 s, so the whole check ends within 7 minutes on one H100 / H200 (about 20 s of
@@ -38,7 +39,7 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 TOTAL_BUDGET_S = 400.0
@@ -46,7 +47,7 @@ BENCH_BUDGETS_S = {  # FlexAttention's torch.compile happens inside bench_attent
     "bench_modules": 25,
     "bench_attention": 70,
     "bench_norm_adapter": 25,
-    "bench_model": 40,
+    "bench_model": 35,
     "bench_packing": 35,
 }
 
@@ -57,6 +58,7 @@ class Part:
     command: List[str]
     budget_s: float
     log: str  # file name inside the output folder (stdout and stderr together)
+    env: Optional[Dict[str, str]] = None  # added to the environment
 
 
 @dataclasses.dataclass
@@ -67,21 +69,21 @@ class Outcome:
     detail: str
 
 
-def plan(out: Path, python: str) -> List[Part]:
-    """The parts of a GPU check, in order, with their budgets."""
+def plan(out: Path, python: str, cuda_arch: str = "90a") -> List[Part]:
+    """The parts of a GPU check, in order, with their budgets; camtl._C is built for cuda_arch only."""
     parts = [
-        Part("install", [python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-e", "."], 40,
-             "install.log"),
+        Part("install", [python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-e", "."], 55,
+             "install.log", env={"CAMTL_CUDA_ARCHS": os.environ.get("CAMTL_CUDA_ARCHS", cuda_arch)}),
         Part("environment", ["bash", "-c", f'date -u +"%Y-%m-%dT%H:%M:%SZ"; nvidia-smi || true; '
                                            f'"{python}" -m camtl info'], 10, "environment.txt"),
         Part("tests/gpu", [python, "-m", "pytest", "tests/gpu", "-q", "-p", "no:cacheprovider", "-rs",
-                           "--junitxml", str(out / "gpu-tests.xml")], 100, "gpu-tests.txt"),
+                           "--junitxml", str(out / "gpu-tests.xml")], 95, "gpu-tests.txt"),
     ]
     for bench, budget in BENCH_BUDGETS_S.items():
         parts.append(Part(bench, [python, "benchmarks/run.py", "--out", str(out), "--only", bench, "--no-plot"],
                           budget, f"{bench}.txt"))
     parts.append(Part("kernel report", [python, "scripts/kernel_report.py", "--out", str(out / "kernel-report"),
-                                        "--no-progress", "--jobs", str(os.cpu_count() or 2)], 45,
+                                        "--no-progress", "--jobs", str(os.cpu_count() or 2)], 40,
                       "kernel-report.txt"))
     parts.append(Part("summary figure", [python, "benchmarks/plot.py", str(out)], 10, "plot.txt"))
     return parts
@@ -95,7 +97,7 @@ def run_part(part: Part, out: Path, seconds_left: float) -> Outcome:
     start = time.monotonic()
     with open(out / part.log, "wb") as log:
         proc = subprocess.Popen(part.command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, env={**os.environ, **(part.env or {})})
         try:
             rc = proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
@@ -184,7 +186,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    outcomes = run_parts(plan(out, python), out, args.budget)
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"{major}{minor}" + ("a" if major == 9 else "")  # sm_90a: Hopper's wgmma-capable target
+    outcomes = run_parts(plan(out, python, arch), out, args.budget)
     text = summary(outcomes, out, args.budget)
     (out / "summary.md").write_text(text)
     print(text)

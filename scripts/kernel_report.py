@@ -3,7 +3,8 @@
 
 For sm_90a and sm_80 it compiles each kernel configuration the dispatcher
 can choose (fp16/bf16; attention at head dims 32/64/128, dropout on/off,
-with/without key padding; the norm, FiLM and adapter kernels at D 768/1024),
+with/without key padding, and packed: the varlen kernels attention_*_varlen,
+dropout on/off; the norm, FiLM and adapter kernels at D 768/1024),
 plus a yardstick: the attention kernels with the conditional bias, the key
 padding and dropout compiled out (plain flash attention). Each row gives
 registers and spills (triton's own ptxas -v log), shared memory, the tensor
@@ -207,12 +208,33 @@ def collect_configs(archs=tuple(ARCHS), dtypes=DTYPES, head_dims=HEAD_DIMS, hidd
                 add(attention_k, {"_fwd_kernel": "attention_fwd", "_dense_bias_kernel": "attention_bias_expand",
                                   "_dropout_mask_kernel": "attention_dropout_mask"},
                     lambda: attention_k.attention_forward(q, k, v, table, index, kb, d ** -0.5, p, 1234), **fields)
-                mask = torch.empty(attention_k.dropout_mask_shape(q.shape, dt, p), dtype=torch.int32, device=meta)
+                mask = torch.empty(attention_k.dropout_mask_shape(BATCH * H, SEQ_LEN, d, dt, p), dtype=torch.int32,
+                                   device=meta)
                 add(attention_k, {"_bwd_dq_kernel": "attention_bwd_dq", "_bwd_dkdv_kernel": "attention_bwd_dkdv",
                                   "_bwd_dtable_kernel": "attention_bwd_dtable"},
                     lambda: attention_k.attention_backward(q, q, k, v, q, lse, bias, mask, table, index, kb,
                                                            d ** -0.5, p),
                     **fields)
+            # Packed: the batch's BATCH·SEQ_LEN tokens as BATCH sequences, the longest SEQ_LEN.
+            packed = [t.transpose(1, 2).reshape(BATCH * SEQ_LEN, H, d) for t in (q, k, v)]
+            cu_seqlens = torch.empty((BATCH + 1,), dtype=torch.int32, device=meta)
+            lse_packed = torch.empty((H, BATCH * SEQ_LEN), dtype=torch.float32, device=meta)
+            for dropout in (False, True):
+                p = 0.1 if dropout else 0.0
+                fields = dict(dtype=dtype, head_dim=d, hidden_size=None, dropout=dropout, key_padding=None,
+                              variant="varlen", yardstick=False)
+                add(attention_k, {"_fwd_kernel": "attention_fwd_varlen", "_dense_bias_kernel": "attention_bias_expand",
+                                  "_dropout_mask_kernel": "attention_dropout_mask_varlen"},
+                    lambda: attention_k.attention_forward_varlen(*packed, cu_seqlens, SEQ_LEN, table, index,
+                                                                 d ** -0.5, p, 1234), **fields)
+                mask = torch.empty(attention_k.dropout_mask_shape(BATCH * H, SEQ_LEN, d, dt, p), dtype=torch.int32,
+                                   device=meta)
+                add(attention_k, {"_bwd_dq_kernel": "attention_bwd_dq_varlen",
+                                  "_bwd_dkdv_kernel": "attention_bwd_dkdv_varlen",
+                                  "_bwd_dtable_kernel": "attention_bwd_dtable_varlen"},
+                    lambda: attention_k.attention_backward_varlen(packed[0], *packed, packed[0], lse_packed, bias,
+                                                                  mask, cu_seqlens, SEQ_LEN, table, index,
+                                                                  d ** -0.5, p), **fields)
         for D in hidden_sizes:
             x = torch.empty((BATCH, SEQ_LEN, D), dtype=dt, device=meta)
             rows = torch.empty((BATCH, SEQ_LEN), dtype=torch.float32, device=meta)
@@ -399,16 +421,19 @@ def run(jobs: List[dict], workers: int, progress: bool = True) -> tuple:
     return [report_row(job, compiled[key]) for key, job in zip(keys, jobs)], len(compiled)
 
 
-_KERNEL_ORDER = ("attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv", "layer_norm_fwd", "layer_norm_bwd",
+_KERNEL_ORDER = ("attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv", "attention_fwd_varlen",
+                 "attention_bwd_dq_varlen", "attention_bwd_dkdv_varlen", "layer_norm_fwd", "layer_norm_bwd",
                  "film_fwd", "film_bwd", "film_bwd_shared", "adapter_fwd")
 
 
 def _row_order(row: dict):
-    """Attention first, by arch, dtype and head dim, the passes side by side; then the norm/FiLM/adapter kernels."""
+    """Attention first, by arch, dtype and head dim, the passes side by side (padded, yardstick, then varlen);
+    then the norm/FiLM/adapter kernels."""
     family = 0 if row["kernel"].startswith("attention") else 1
     kernel = _KERNEL_ORDER.index(row["kernel"]) if row["kernel"] in _KERNEL_ORDER else len(_KERNEL_ORDER)
     size = row["head_dim"] if family == 0 else row["hidden_size"]
-    return (family, row["arch"] != "sm_90a", row["dtype"], size, row["yardstick"], row["dropout"],
+    return (family, row["arch"] != "sm_90a", row["dtype"], size, row["kernel"].endswith("_varlen"),
+            row["yardstick"], row["dropout"],
             bool(row["key_padding"]), kernel if family == 0 else 0, kernel, row["variant"])
 
 

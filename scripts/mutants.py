@@ -282,8 +282,8 @@ MUTANTS = [
            T_MODELS),
     # ---- training ----
     Mutant("T1", TRAINER,
-           "keep = mt_uncertainty_select(out.entropy, batch[\"task_id\"]",
-           "keep = mt_uncertainty_select(torch.zeros_like(out.entropy), batch[\"task_id\"]",
+           "keep = mt_uncertainty_select(scored[\"entropy\"], scored[\"task_id\"]",
+           "keep = mt_uncertainty_select(torch.zeros_like(scored[\"entropy\"]), scored[\"task_id\"]",
            "MT-Uncertainty: the trainer ignores the entropy (keeps the first batch_size candidates)",
            T_TRAINING),
     Mutant("T2", TRAINER,

@@ -83,31 +83,50 @@ def run_with_grads(backend, fn, tensors, grad):
     return out, [leaf.grad for leaf in leaves]
 
 
-def triton_vs_torch(fn, tensors, dtype, names, multilinear=False):
+@contextlib.contextmanager
+def tf32_matmuls():
+    """torch allows TF32 tensor cores for float32 matmuls (so camtl's float32 Triton GEMMs run), then restores."""
+    matmul = torch.backends.cuda.matmul
+    name, value = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
+    saved = getattr(matmul, name)
+    setattr(matmul, name, value)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, saved)
+
+
+def triton_vs_torch(fn, tensors, dtype, names, multilinear=False, tf32=False):
     """The triton backend on ``tensors`` cast to dtype, against the torch backend in fp32 on the same rounded values.
 
     Compares the output and the gradient of every tensor (named by ``names``);
     returns the triton output and gradients. ``multilinear``: fn is a sum of
     products of its inputs (FiLM, a FiLM'd GEMM), so fn and its gradients on
     |inputs| and |grad| give each element's Σ|terms|, the scale of its
-    low-precision rounding error (see assert_close).
+    low-precision rounding error (see assert_close). ``tf32``: fn multiplies
+    matrices, which the kernels run on TF32 tensor cores in float32 (allowed
+    for the triton run only; the reference stays exact): float32 is then
+    checked at fp16's tolerance (TF32 keeps fp16's 10-bit mantissa).
     """
     act = [t.to(dtype) for t in tensors]
     ref = [t.float() for t in act]
     with camtl.use_backend("torch"), torch.no_grad():
         shape = fn(*ref).shape
     grad = torch.randn(shape, device=act[0].device).to(dtype)
-    out, grads = run_with_grads("triton", fn, act, grad)
+    with tf32_matmuls() if tf32 and dtype == torch.float32 else contextlib.nullcontext():
+        out, grads = run_with_grads("triton", fn, act, grad)
     exp, exp_grads = run_with_grads("torch", fn, ref, grad.float())
+    if tf32 and dtype == torch.float32:
+        dtype = torch.float16  # the tolerance only
     magnitudes = [None] * (1 + len(tensors))
     if multilinear:
         abs_out, abs_grads = run_with_grads("torch", fn, [t.abs() for t in ref], grad.float().abs())
         magnitudes = [abs_out.detach()] + abs_grads
-    assert out.dtype == dtype and out.shape == exp.shape
+    assert out.dtype == act[0].dtype and out.shape == exp.shape
     assert torch.isfinite(out).all()
     assert_close(out.detach(), exp.detach(), dtype, "output", magnitudes[0])
     for name, g, e, m in zip(names, grads, exp_grads, magnitudes[1:]):
-        assert g.dtype == dtype, f"grad of {name} is {g.dtype}"
+        assert g.dtype == act[0].dtype, f"grad of {name} is {g.dtype}"
         assert_close(g, e, dtype, f"grad of {name}", m)
     return out, grads
 

@@ -33,21 +33,21 @@ import camtl.ops.attention as attention_ops
 
 TARGET_FORWARD, TARGET_BACKWARD, TARGET_SYNCS = 4, 6, 0  # issue 9 deliverable 3
 
-_NO_LAUNCH = {"empty", "empty_strided", "new_empty", "detach", "alias", "lift_fresh", "set_"}
+_NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "detach", "alias", "lift_fresh", "set_"}
 
 # (key mask, dropout, inside index_read_once) -> today's (forward launches, backward launches, host syncs in all).
-# Forward: the index range check (aminmax, then two int() syncs: once per op outside index_read_once), the key
-# mask conversion (where), the kernel. Backward: the dbias zero fill, the two kernels, the sum of dbias over
-# heads, the per-task sum (one-hot: zeros, scatter_; mm; cast to fp32), the pad of the table rows past L.
+# Forward: the index range check (aminmax, then two int() syncs: once per op outside index_read_once), the dense
+# bias expansion, the dropout bit mask (with dropout), the key mask conversion (where), the kernel. Backward: the
+# dq kernel (which sums dS over heads), the dkdv kernel, the dtable kernel (per-task sums and the rows past L).
 BOUNDS = {
-    (False, False, False): (2, 9, 2),
-    (False, False, True): (1, 9, 0),
-    (True, False, False): (3, 9, 2),
-    (True, False, True): (2, 9, 0),
-    (False, True, False): (2, 9, 2),
-    (False, True, True): (1, 9, 0),
-    (True, True, False): (3, 9, 2),
-    (True, True, True): (2, 9, 0),
+    (False, False, False): (3, 3, 2),
+    (False, False, True): (2, 3, 0),
+    (True, False, False): (4, 3, 2),
+    (True, False, True): (3, 3, 0),
+    (False, True, False): (4, 3, 2),
+    (False, True, True): (3, 3, 0),
+    (True, True, False): (5, 3, 2),
+    (True, True, True): (4, 3, 0),
 }
 
 

@@ -125,3 +125,79 @@ def test_cli_info():
     js = subprocess.run([sys.executable, "-m", "camtl", "info", "--json"], capture_output=True, text=True,
                         check=True).stdout
     assert json.loads(js)["camtl"] == camtl.__version__
+
+
+# ---- float32 on CUDA: TF32 tensor cores or the torch backend -------------------------------------------------
+
+CUDA = torch.device("cuda")  # a device descriptor: resolve reads only its type, so no GPU is needed
+
+
+@pytest.fixture
+def tf32(monkeypatch):
+    """Sets whether torch allows TF32 (the decision's input), with the backend requested left to auto."""
+    monkeypatch.delenv("CAMTL_BACKEND", raising=False)
+
+    def set_allowed(allowed: bool):
+        monkeypatch.setattr(backends, "tf32_matmul_allowed", lambda: allowed)
+    return set_allowed
+
+
+def test_tf32_matmul_allowed_follows_torch_settings():
+    """Every public way to allow TF32 for float32 matmuls, read back (a subprocess: the settings are global)."""
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9 has no fp32_precision")
+    code = (
+        "import torch, warnings; warnings.simplefilter('ignore'); from camtl.backends import tf32_matmul_allowed as a\n"
+        "m = torch.backends.cuda.matmul; seen = [a()]\n"
+        "m.fp32_precision = 'tf32'; seen.append(a()); m.fp32_precision = 'ieee'; seen.append(a())\n"
+        "m.fp32_precision = 'none'; torch.set_float32_matmul_precision('high'); seen.append(a())\n"
+        "torch.set_float32_matmul_precision('highest'); seen.append(a())\n"
+        "m.allow_tf32 = True; seen.append(a()); m.allow_tf32 = False; seen.append(a())\n"
+        "m.fp32_precision = 'none'; torch.backends.fp32_precision = 'tf32'; seen.append(a())\n"
+        "print(seen)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[False, True, False, True, False, True, False, True]"
+
+
+def test_auto_runs_float32_matmul_ops_on_torch_unless_tf32_is_allowed(tf32):
+    for op in backends.TENSOR_CORE_OPS:
+        tf32(False)
+        assert backends.resolve(op, CUDA, dtype=torch.float32)[0] == "torch"
+        assert backends.resolve(op, CUDA, dtype=torch.bfloat16)[0] == "triton"  # 16-bit: tensor cores anyway
+        tf32(True)
+        assert backends.resolve(op, CUDA, dtype=torch.float32)[0] == "triton"
+    tf32(False)
+    for op in ("film", "conditional_layer_norm"):  # no matmul: float32 stays exact in the kernels
+        assert backends.resolve(op, CUDA, dtype=torch.float32)[0] == "triton"
+
+
+def test_named_triton_raises_for_float32_cuda_matmuls_without_tf32(tf32):
+    tf32(False)
+    with camtl.use_backend("triton"):
+        for op in backends.TENSOR_CORE_OPS:
+            with pytest.raises(camtl.BackendUnavailableError, match=r"TF32.*fp32_precision = 'tf32'") as info:
+                backends.resolve(op, CUDA, dtype=torch.float32)
+            assert op in str(info.value)
+            assert backends.resolve(op, CUDA, dtype=torch.float16)[0] == "triton"
+        # The interpreter (CPU tensors) multiplies float32 exactly: no TF32 needed.
+        assert backends.resolve("film_linear", torch.device("cpu"), dtype=torch.float32)[0] == "triton"
+        tf32(True)
+        assert backends.resolve("film_linear", CUDA, dtype=torch.float32)[0] == "triton"
+
+
+@pytest.mark.parametrize("requested, allowed, path", [
+    ("auto", True, "TF32 tensor cores (triton)"), ("auto", False, "torch backend"),
+    ("triton", True, "TF32 tensor cores (triton)"), ("triton", False, "error"), ("torch", True, "torch backend"),
+])
+def test_info_says_which_path_float32_cuda_takes(requested, allowed, path, tf32, capsys):
+    tf32(allowed)
+    with camtl.use_backend(requested):
+        data = camtl.info()
+    text = capsys.readouterr().out
+    fp32 = data["float32_cuda"]
+    assert fp32["path"] == path and fp32["ops"] == list(backends.TENSOR_CORE_OPS)
+    if requested != "torch":
+        assert ("torch allows TF32" if allowed else "torch does not allow TF32") in fp32["reason"]
+    lines = text.splitlines()
+    at = [i for i, row in enumerate(lines) if row.startswith("float32 CUDA")]
+    assert at and lines[at[0]].endswith(f"run on: {path}") and fp32["reason"] in lines[at[0] + 1]

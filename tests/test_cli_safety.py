@@ -160,6 +160,13 @@ def test_predict_refuses_two_names_for_one_file(tmp_path):
     (["train", "--resume_from_checkpoint", "MISSING"], "--resume_from_checkpoint"),
     (["train", "--model_name_or_path", "MISSING/model"], "--model_name_or_path"),
     (["train", "--model_name_or_path", "./typo"], "--model_name_or_path ./typo: no such folder"),
+    (["train", "--max_tokens_per_batch", "0"], "argument --max_tokens_per_batch: expected an integer >= 1, got 0"),
+    (["train", "--max_tokens_per_batch", "-5"], "argument --max_tokens_per_batch: expected an integer >= 1"),
+    (["train", "--max_tokens_per_batch", "100"], "--max_tokens_per_batch 100 is less than the max_seq_length of 128"),
+    (["train", "--max_tokens_per_batch", "40", "--max_seq_length", "41"],
+     "--max_tokens_per_batch 40 is less than the max_seq_length of 41"),
+    (["eval", "--max_tokens_per_batch", "0"], "argument --max_tokens_per_batch"),
+    (["predict", "--max_tokens_per_batch", "x", "--output_dir", "OUT"], "argument --max_tokens_per_batch"),
     (["eval", "--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size"),
     (["eval", "--max_seq_length", "0"], "--max_seq_length"),
     (["eval", "--data_dir", "MISSING"], "--data_dir"),
@@ -243,6 +250,20 @@ def test_eval_refuses_a_longer_max_seq_length_than_the_model_takes(model_and_dat
     code, _, err = run(["eval", "--model_name_or_path", model, "--data_dir", data, "--max_seq_length", "17"],
                        capsys)
     assert_one_line_error(code, err, "--max_seq_length 17", "max_seq_length=16", after_loading=True)
+
+
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_eval_refuses_a_token_budget_below_the_models_max_seq_length(model_and_data, tmp_path, capsys, command):
+    """An example may have max_seq_length (16) tokens: a smaller budget would have to drop or cut it."""
+    model, data = model_and_data
+    argv = [command, "--model_name_or_path", model, "--data_dir", data, "--max_tokens_per_batch", "15"]
+    code, _, err = run(argv + (["--output_dir", tmp_path / "preds"] if command == "predict" else []), capsys)
+    assert_one_line_error(code, err, "--max_tokens_per_batch 15 is less than the max_seq_length of 16",
+                          after_loading=True)
+    assert not (tmp_path / "preds").exists()
+    code, out, err = run(argv[:-1] + ["16"] + (["--output_dir", tmp_path / "preds"] if command == "predict" else []),
+                         capsys)
+    assert code == 0, err
 
 
 def test_eval_of_a_folder_without_tasks_json_says_so(model_and_data, tmp_path, capsys, monkeypatch):

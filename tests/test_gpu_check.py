@@ -90,7 +90,8 @@ def test_summary_states_what_did_not_run_or_pass(tmp_path):
     assert "nothing: every part ran and passed" in clean
 
 
-def test_the_plan_fits_seven_minutes_and_runs_every_bench(tmp_path):
+def test_the_plan_fits_seven_minutes_and_runs_every_bench(tmp_path, monkeypatch):
+    monkeypatch.delenv("CAMTL_CUDA_ARCHS", raising=False)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         run = _load("camtl_bench_run", ROOT / "benchmarks" / "run.py")
@@ -102,6 +103,14 @@ def test_the_plan_fits_seven_minutes_and_runs_every_bench(tmp_path):
     assert benches == run.BENCHES, "every bench of make bench gets a budgeted part"
     names = [p.name for p in parts]
     assert names[:3] == ["install", "environment", "tests/gpu"] and "kernel report" in names
+    assert gpu_check.plan(tmp_path, sys.executable, "80")[0].env == {"CAMTL_CUDA_ARCHS": "80"}
+
+
+def test_a_part_gets_its_environment(tmp_path):
+    part = gpu_check.Part("env", [sys.executable, "-c", "import os; print(os.environ['CAMTL_PROBE'])"], 20,
+                          "env.log", env={"CAMTL_PROBE": "set-by-the-part"})
+    (outcome,) = gpu_check.run_parts([part], tmp_path, total_budget_s=60, echo=lambda line: None)
+    assert outcome.status == "ok" and (tmp_path / "env.log").read_text().strip() == "set-by-the-part"
 
 
 def test_without_a_gpu_it_says_so_and_exits_2(tmp_path):

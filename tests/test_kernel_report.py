@@ -111,3 +111,41 @@ def test_report_compiles_the_d64_fp16_attention_forward_for_sm90a(tmp_path):
     assert yardstick["loop_instructions"] < plain["loop_instructions"] < padded["loop_instructions"]
     assert plain["loop_instructions"] < dropout["loop_instructions"]
     assert "attention_fwd" in result.stdout and "wgmma" in result.stdout
+
+
+VARLEN_KERNELS = ["attention_fwd_varlen", "attention_bwd_dq_varlen", "attention_bwd_dkdv_varlen"]
+
+
+def test_configs_include_the_varlen_kernels_and_leave_the_padded_ones_padded(monkeypatch):
+    """The packed launches are recorded too (dropout on and off, VARLEN set); the padded launches have VARLEN off,
+    so their compiles are the ones the padded path runs."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    jobs = kr.collect_configs(("sm_90a",), ("bf16",), (64,), (768,),
+                              kernels=VARLEN_KERNELS + ["attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv"])
+    varlen = [job for job in jobs if job["kernel"] in VARLEN_KERNELS]
+    assert sorted((job["kernel"], job["dropout"]) for job in varlen) == sorted(
+        (name, dropout) for name in VARLEN_KERNELS for dropout in (False, True))
+    for job in varlen:
+        assert job["kwargs"]["VARLEN"] is True and job["kwargs"]["HAS_KEY_BIAS"] is False
+        assert job["variant"] == "varlen" and job["key_padding"] is None
+        assert job["kwargs"]["DROPOUT"] == job["dropout"]
+    padded = [job for job in jobs if job["kernel"] not in VARLEN_KERNELS]
+    assert len(padded) == 15 and all(job["kwargs"].get("VARLEN", False) is False for job in padded)
+
+
+def test_report_compiles_the_d64_fp16_varlen_attention_forward_for_sm90a(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--arch", "sm_90a", "--dtype", "fp16", "--head-dim",
+         "64", "--hidden", "768", "--kernel", "attention_fwd_varlen", "--no-progress"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "kernel-report.json").read_text())["rows"]
+    assert [(r["kernel"], r["dropout"], r["variant"]) for r in rows] == [
+        ("attention_fwd_varlen", False, "varlen"), ("attention_fwd_varlen", True, "varlen")]
+    for row in rows:
+        assert set(kr.FIELDS) <= set(row)
+        assert 0 < row["regs"] <= 255 and row["tensor_core_op"] == "wgmma"
+        assert row["loop"].startswith("innermost") and row["loop_instructions"] > 0
+    assert rows[0]["loop_instructions"] < rows[1]["loop_instructions"]  # dropout's Philox is in the loop
+    assert "attention_fwd_varlen" in result.stdout

@@ -4,6 +4,12 @@ On the CPU these run under TRITON_INTERPRET=1 (set by conftest.py): small shapes
 The torch backend itself is checked against a naive reference in test_ops_film.py.
 """
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -14,6 +20,17 @@ from camtl.ops.adapter import _film_linear_fwd
 from conftest import assert_close, bert_config, graph_has, poisoned_empty, run_with_grads, triton_vs_torch
 
 NAMES = ("x", "gamma", "beta", "weight", "bias")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compile_report(out, kernels, arch, dtypes):
+    """Rows of scripts/kernel_report.py for these kernels at D 768: the launch functions' GPU configurations, compiled."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_report.py"), "--out", str(out), "--arch",
+                             arch, "--dtype", *dtypes, "--hidden", "768", "--kernel", *kernels, "--no-progress"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((Path(out) / "kernel-report.json").read_text())["rows"]
 
 
 def make(B, L, D, G, device, bias=True):
@@ -133,3 +150,36 @@ def test_torch_compile_fullgraph(device):
     for g_out, g_eager in zip(torch.autograd.grad(out, (h, attention_out), grad),
                               torch.autograd.grad(eager, (h, attention_out), grad)):
         assert_close(g_out, g_eager, torch.float32)
+
+
+def test_float32_dots_use_tf32_on_a_gpu_and_exact_products_under_the_interpreter(monkeypatch):
+    from camtl.kernels._common import dot_flags
+
+    assert dot_flags(torch.float32) == (False, "ieee")  # the interpreter: the tests compare at fp32 tolerances
+    assert dot_flags(torch.bfloat16) == (True, "ieee")  # its bf16 dot is wrong: upcast
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert dot_flags(torch.float32) == (False, "tf32")  # never the FMA path ("ieee") on a GPU
+    assert dot_flags(torch.bfloat16) == (False, None) and dot_flags(torch.float16) == (False, None)
+
+
+def test_a_float32_cuda_launch_needs_torch_to_allow_tf32(monkeypatch):
+    """The launch's own guard, for callers that skip the dispatcher (no GPU needed: only the device type is read)."""
+    from camtl import backends
+    from camtl.kernels._common import require_tf32
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(backends, "tf32_matmul_allowed", lambda: False)
+    with pytest.raises(camtl.BackendUnavailableError, match=r"film_linear.*TF32.*fp32_precision = 'tf32'"):
+        require_tf32(torch.float32, cuda, "film_linear")
+    require_tf32(torch.float16, cuda, "film_linear")  # 16-bit: fine
+    require_tf32(torch.float32, torch.device("cpu"), "film_linear")  # the interpreter: exact products
+    monkeypatch.setattr(backends, "tf32_matmul_allowed", lambda: True)
+    require_tf32(torch.float32, cuda, "film_linear")
+
+
+def test_shipped_configurations_compile_without_spills(tmp_path):
+    """The configurations a GPU launches, compiled for sm_80 (where 128x64 tiles on 4 warps spilled 88-140 B)."""
+    rows = compile_report(tmp_path, ["adapter_fwd"], arch="sm_80", dtypes=["fp16", "bf16"])
+    assert len(rows) == 2
+    for row in rows:
+        assert row["spill_bytes"] == 0 and row["tensor_core_op"] == "mma.sync", row

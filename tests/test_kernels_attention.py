@@ -12,6 +12,7 @@ import torch
 
 import camtl
 from camtl import ops
+import camtl.kernels.attention as attention_kernels
 from camtl.kernels.attention import _config
 from camtl.ops.attention import _attention_fwd, draw_dropout_seed, key_bias_from_mask
 from conftest import assert_close, bert_config, graph_has, shuffled_program_order
@@ -325,3 +326,39 @@ def test_long_sequence(device):
     keep = torch.ones(1, 515, dtype=torch.bool, device=device)
     keep[0, 400:] = False
     compare_backends(tensors, index, torch.float32, keep)
+
+
+# ---- int64 offsets (issue 9, deliverable 5) --------------------------------------------------------------------
+
+def far_apart(rows, step):
+    """Views of the bf16 tensors ``rows`` [B, X] in one buffer, row b at element b·step (the n-th tensor n·X
+    after it). Only the rows are written: Linux commits only the pages touched (a buffer of 2^31 elements is
+    4.3 GB virtual, kilobytes resident)."""
+    B, X = rows[0].shape
+    buffer = torch.empty(step * (B - 1) + len(rows) * X, dtype=torch.bfloat16)
+    views = [buffer.as_strided((B, X), (step, 1), n * X) for n in range(len(rows))]
+    for view, t in zip(views, rows):
+        view.copy_(t)
+    return views
+
+
+def test_int64_offsets_past_2_31_elements(device):
+    """q, k, v, dout and out whose example b = 2 starts at element 2^31 of their buffer: with int32 base offsets
+    b·stride_b wraps around and the kernels read the wrong memory. Bitwise the results of compact copies."""
+    if device.type != "cpu":
+        pytest.skip("builds its > 2^31-element buffer in host memory")
+    B, H, L, d = 3, 2, 20, 16
+    (q, k, v, table), index = make(B, H, L, d, 2, 24, 7, torch.float32, device)
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    dout = torch.randn(B, H, L, d).bfloat16()
+    scale = d ** -0.5
+    out, lse, bias, mask = attention_kernels.attention_forward(q, k, v, table, index, None, scale, 0.1, 3)
+    want = (out, lse) + attention_kernels.attention_backward(dout, q, k, v, out, lse, bias, mask, table, index,
+                                                             None, scale, 0.1)
+    views = far_apart([t.reshape(B, H * L * d) for t in (q, k, v, dout, out)], 2**30)  # b = 2 starts at 2^31
+    hq, hk, hv, hdout, hout = (t.view(B, H, L, d) for t in views)
+    got_out, got_lse, bias, mask = attention_kernels.attention_forward(hq, hk, hv, table, index, None, scale, 0.1, 3)
+    got = (got_out, got_lse) + attention_kernels.attention_backward(hdout, hq, hk, hv, hout, got_lse, bias, mask,
+                                                                    table, index, None, scale, 0.1)
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv", "dtable"), got, want):
+        assert torch.equal(g, w), f"{name} differs when the inputs sit past element 2^31"

@@ -4,6 +4,12 @@ On the CPU these run under TRITON_INTERPRET=1 (set by conftest.py): small shapes
 The torch backend itself is checked against a naive reference in test_ops_film.py.
 """
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -14,6 +20,7 @@ from camtl.ops.film import _film_fwd
 from conftest import assert_close, graph_has, poisoned_empty, run_with_grads, triton_vs_torch
 
 NAMES = ("x", "gamma", "beta")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make(x_shape, G, device):
@@ -106,3 +113,14 @@ def test_module_uses_the_kernel(x_shape, device):
         results[backend] = [out.detach(), dcond, dx] + [p.grad.clone() for p in module.parameters()]
     for a, e in zip(results["triton"], results["torch"]):
         assert_close(a, e, torch.float32)
+
+
+def test_backward_compiles_without_spills(tmp_path):
+    """The per-example backward as a GPU launches it, for sm_90a fp16 (on 4 warps ptxas spilled 8 B, reloaded in the row loop)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_report.py"), "--out", str(tmp_path),
+                             "--arch", "sm_90a", "--dtype", "fp16", "--hidden", "768", "--kernel", "film_bwd",
+                             "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "kernel-report.json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["spill_bytes"] == 0, rows

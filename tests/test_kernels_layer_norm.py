@@ -166,3 +166,20 @@ def test_module_uses_the_kernel(device):
         results[backend] = [out.detach(), dx, dres] + [p.grad.clone() for p in module.parameters()]
     for a, e in zip(results["triton"], results["torch"]):
         assert_close(a, e, torch.float32)
+
+
+def test_launches_on_meta_tensors_can_stand_for_a_gpu():
+    """scripts/kernel_report.py records launches on meta tensors: inside simulated_gpu they size grids as that GPU."""
+    from camtl.kernels import _common
+
+    meta = torch.device("meta")
+    assert _common.target_programs(meta) == 8 and _common.gpu_capability(meta) is None
+    with _common.simulated_gpu((9, 0), 132):
+        assert _common.target_programs(meta) == 264 and _common.gpu_capability(meta) == (9, 0)
+        assert _common.gpu_capability(torch.device("cpu")) is None  # real CPU tensors are not simulated
+        # 8 examples of 128 rows on a 132-SM GPU: a chunk per 4-row tile (33 wanted, 32 tiles), not one of 128 rows
+        assert _common.rows_per_chunk(128, 8, 4, meta) == 4
+    assert _common.target_programs(meta) == 8
+    with pytest.raises(ValueError, match="sm_count"):
+        with _common.simulated_gpu((8, 0), 0):
+            pass

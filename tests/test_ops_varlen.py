@@ -10,7 +10,7 @@ import torch
 
 import camtl
 from camtl import ops
-from conftest import assert_close
+from conftest import assert_close, graph_has
 
 H, D_HEAD, C, L_MAX, G = 2, 4, 3, 7, 3  # c = 3 does not divide L_MAX: the last block is cropped
 LENGTHS = [4, 1, L_MAX, 2, 5, L_MAX]  # a length-1 sequence and two at max_seq_length
@@ -141,15 +141,23 @@ def test_varlen_dropout_rate_scaling_and_seed():
     assert not torch.equal(out, ops.conditional_attention(q, k, v, table, index, cu_seqlens=cu, dropout_p=p))
 
 
-def test_varlen_refuses_the_triton_backend_and_auto_runs_torch():
-    q, k, v, table, index, cu = (t.detach().float() if t.is_floating_point() else t for t in packed_inputs())
+def test_varlen_runs_the_triton_kernel_when_named_and_torch_on_auto_on_the_cpu():
+    q, k, v, table, index, cu = (t.detach().float().requires_grad_() if t.is_floating_point() else t
+                                 for t in packed_inputs())
     with camtl.use_backend("triton"):
-        with pytest.raises(camtl.BackendUnavailableError, match="varlen"):
-            ops.conditional_attention(q, k, v, table, index, cu_seqlens=cu)
-    with camtl.use_backend("auto"):
         out = ops.conditional_attention(q, k, v, table, index, cu_seqlens=cu)
+    assert graph_has(out, "camtl::conditional_attention_varlen_fwd")
+    with camtl.use_backend("auto"):  # the interpreter is never auto's choice for CPU tensors
+        auto = ops.conditional_attention(q, k, v, table, index, cu_seqlens=cu)
+    assert not graph_has(auto, "camtl::conditional_attention_varlen_fwd")
     with camtl.use_backend("torch"):
-        assert torch.equal(out, ops.conditional_attention(q, k, v, table, index, cu_seqlens=cu))
+        exp = ops.conditional_attention(q, k, v, table, index, cu_seqlens=cu)
+    assert torch.equal(auto, exp)
+    assert_close(out, exp, torch.float32, "output")
+    grad = torch.randn_like(out)
+    for name, g, w in zip("q k v table".split(), grads_of(out, grad, [q, k, v, table]),
+                          grads_of(exp, grad, [q, k, v, table])):
+        assert_close(g, w, torch.float32, f"grad of {name}")
 
 
 def _bad(**changes):

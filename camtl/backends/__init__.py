@@ -14,6 +14,16 @@ does not implement at all (``camtl info`` lists them) run on torch. If it is
 unavailable, or cannot run an op it implements on the given tensors or
 arguments, it raises :class:`BackendUnavailableError` saying why; it never
 falls back silently.
+
+float32 on CUDA: the Triton kernels that multiply matrices (``TENSOR_CORE_OPS``:
+conditional attention and the bottleneck's down-projection) run float32 on
+TF32 tensor cores, never on plain FMAs. They take float32 CUDA inputs only
+when torch allows TF32 for float32 matmuls (:func:`tf32_matmul_allowed`);
+otherwise ``auto`` runs those ops on the torch backend (which then multiplies
+in full float32, as torch is told), and ``triton`` asked for by name raises
+:class:`BackendUnavailableError` saying how to allow TF32. The other Triton
+kernels (FiLM, the layer norm) compute float32 exactly and are not affected.
+``camtl info`` says which path float32 CUDA inputs take now.
 """
 
 from __future__ import annotations
@@ -56,6 +66,47 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for by name but cannot run the op here."""
 
 
+# Ops whose Triton kernels multiply matrices (tl.dot): on float32 CUDA inputs they use TF32 tensor cores.
+TENSOR_CORE_OPS: Tuple[str, ...] = ("conditional_attention", "film_linear")
+_ALLOW_TF32 = "torch.backends.cuda.matmul.fp32_precision = 'tf32'"
+
+
+def tf32_matmul_allowed() -> bool:
+    """Whether torch allows TF32 tensor cores for float32 matmuls on CUDA (what cuBLAS would do).
+
+    torch >= 2.9 keeps this in ``torch.backends.cuda.matmul.fp32_precision`` ("tf32", "ieee", or "none":
+    not set, i.e. no TF32); ``torch.backends.fp32_precision``, and the legacy ``allow_tf32`` and
+    ``torch.set_float32_matmul_precision("high")``, set it too. Reading the legacy flags raises once the new
+    API was used, so only the new one is read. Older torch: ``torch.backends.cuda.matmul.allow_tf32``.
+    """
+    matmul = torch.backends.cuda.matmul
+    try:
+        return matmul.fp32_precision == "tf32"
+    except AttributeError:  # torch < 2.9: no fp32_precision
+        return bool(matmul.allow_tf32)
+
+
+def _tf32_precision_setting() -> str:
+    """The setting tf32_matmul_allowed reads, as the user would write it."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        return f"torch.backends.cuda.matmul.fp32_precision is {matmul.fp32_precision!r}"
+    except AttributeError:
+        return f"torch.backends.cuda.matmul.allow_tf32 is {bool(matmul.allow_tf32)}"
+
+
+def float32_tensor_core_problem(op: str, device_type: str, dtype: Optional[torch.dtype]) -> Optional[str]:
+    """Why the Triton kernels of ``op`` must not take inputs of ``dtype`` on ``device_type``, or None.
+
+    float32 CUDA inputs of the TENSOR_CORE_OPS need torch to allow TF32: the kernels would multiply on
+    TF32 tensor cores, where torch was told to multiply in full float32.
+    """
+    if dtype != torch.float32 or device_type != "cuda" or op not in TENSOR_CORE_OPS or tf32_matmul_allowed():
+        return None
+    return (f"its kernels multiply float32 on TF32 tensor cores, and torch does not allow TF32 for float32 "
+            f"matmuls ({_tf32_precision_setting()}); set {_ALLOW_TF32} to allow it, or use the torch backend")
+
+
 @dataclass(frozen=True)
 class BackendState:
     name: str
@@ -64,18 +115,26 @@ class BackendState:
     ops: Tuple[str, ...]  # the ops it implements
 
 
-def _triton_state() -> BackendState:
+def _triton_missing() -> Optional[str]:
+    """Why the Triton kernels cannot run on any device (triton or camtl.kernels do not import), or None."""
     try:
         import triton  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install
-        return BackendState("triton", False, f"triton does not import: {exc}", ())
+        return f"triton does not import: {exc}"
     try:
         importlib.import_module("camtl.kernels")
     except Exception as exc:
-        return BackendState("triton", False, f"camtl.kernels does not import: {exc}", ())
+        return f"camtl.kernels does not import: {exc}"
+    if not implemented_ops("triton"):
+        return "no Triton kernels are implemented yet (issues #3, #4)"
+    return None
+
+
+def _triton_state() -> BackendState:
+    missing = _triton_missing()
+    if missing is not None:
+        return BackendState("triton", False, missing, ())
     ops = implemented_ops("triton")
-    if not ops:
-        return BackendState("triton", False, "no Triton kernels are implemented yet (issues #3, #4)", ())
     if torch.cuda.is_available():
         return BackendState("triton", True, "CUDA tensors", ops)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -139,8 +198,9 @@ def use_backend(name: str) -> Iterator[None]:
         _override.reset(token)
 
 
-def _runs_on(state: BackendState, op: str, device: torch.device) -> Optional[str]:
-    """None if the backend can run ``op`` on ``device``, else the reason it cannot."""
+def _runs_on(state: BackendState, op: str, device: torch.device,
+             dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """None if the backend can run ``op`` on ``device`` with inputs of ``dtype``, else the reason it cannot."""
     if not state.available:
         return state.reason
     if op not in state.ops:
@@ -149,22 +209,30 @@ def _runs_on(state: BackendState, op: str, device: torch.device) -> Optional[str
         return f"it runs on CUDA tensors only, got {device.type} tensors"
     if state.name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return f"it runs on CUDA tensors (or CPU ones under TRITON_INTERPRET=1), got {device.type} tensors"
+    if state.name == "triton":
+        return float32_tensor_core_problem(op, device.type, dtype)
     return None
 
 
-def resolve(op: str, device: torch.device, reference_only: Optional[str] = None) -> Tuple[str, Callable]:
+def resolve(op: str, device: torch.device, reference_only: Optional[str] = None,
+            dtype: Optional[torch.dtype] = None) -> Tuple[str, Callable]:
     """The backend name and function that run ``op`` for tensors on ``device``.
 
     reference_only: why these arguments need the torch reference (inputs the
     kernels do not take), or None. Then auto picks torch, and a named backend raises.
+    dtype: the inputs' dtype. float32 CUDA inputs of the TENSOR_CORE_OPS go to
+    the Triton kernels only when torch allows TF32 (see the module docstring).
+    None skips that check here; a float32 CUDA launch without TF32 then raises
+    in the kernel (camtl.kernels._common.require_tf32), so ops should pass it.
     """
-    name = _resolve_name(op, device.type, reference_only)
+    name = _resolve_name(op, device.type, reference_only, dtype)
     return name, _IMPLS[op][name]
 
 
 # Under torch.compile the choice is made once, while tracing, and baked into the graph.
 @torch.compiler.assume_constant_result
-def _resolve_name(op: str, device_type: str, reference_only: Optional[str]) -> str:
+def _resolve_name(op: str, device_type: str, reference_only: Optional[str],
+                  dtype: Optional[torch.dtype] = None) -> str:
     name = requested_backend()
     if reference_only is not None and name not in ("auto", "torch"):
         raise BackendUnavailableError(f"camtl backend {name!r} cannot run {op!r}: {reference_only}; "
@@ -176,7 +244,7 @@ def _resolve_name(op: str, device_type: str, reference_only: Optional[str]) -> s
         state = backend_state(name)
         if state.available and op not in state.ops:
             return "torch"  # documented: a backend runs the ops it implements
-        why_not = _runs_on(state, op, device)
+        why_not = _runs_on(state, op, device, dtype)
         if why_not is not None:
             raise BackendUnavailableError(f"camtl backend {name!r} cannot run {op!r}: {why_not}")
         return name
@@ -184,8 +252,32 @@ def _resolve_name(op: str, device_type: str, reference_only: Optional[str]) -> s
         # The interpreter is for testing, never the fast choice for CPU tensors.
         if candidate != "torch" and device.type != "cuda":
             continue
-        if _runs_on(backend_state(candidate), op, device) is None:
+        if _runs_on(backend_state(candidate), op, device, dtype) is None:
             return candidate
     raise AssertionError("unreachable: the torch backend runs everything")
+
+
+def float32_cuda_path() -> Tuple[str, str]:
+    """(path, why): what float32 CUDA inputs of the TENSOR_CORE_OPS would run on now, on a CUDA machine.
+
+    path is "TF32 tensor cores (triton)", "torch backend" or "error" (triton asked for by name
+    while torch does not allow TF32). It follows the dispatch rules of ``resolve`` for the requested
+    backend, assuming a CUDA device (so that it can be read on any machine).
+    """
+    requested = requested_backend()
+    if requested not in ("auto", "triton"):
+        return f"{requested} backend", f"the {requested} backend is requested (CAMTL_BACKEND / camtl.use_backend)"
+    missing = _triton_missing()
+    if missing is not None:
+        if requested == "triton":
+            return "error", f"the triton backend is requested but cannot run: {missing}"
+        return "torch backend", f"the triton backend cannot run: {missing}"
+    if tf32_matmul_allowed():
+        return "TF32 tensor cores (triton)", f"torch allows TF32 for float32 matmuls ({_tf32_precision_setting()})"
+    why = (f"torch does not allow TF32 for float32 matmuls ({_tf32_precision_setting()}); "
+           f"set {_ALLOW_TF32} to run them on the Triton kernels' TF32 tensor cores")
+    if requested == "triton":
+        return "error", f"the triton backend, asked for by name, raises BackendUnavailableError: {why}"
+    return "torch backend", why
 
 

@@ -346,6 +346,11 @@ class MultiTaskDataset(torch.utils.data.Dataset):
         k = bisect.bisect_right(self._starts, index) - 1
         return k, index - self._starts[k]
 
+    def lengths(self) -> np.ndarray:
+        """Every item's token count, int64 [len(self)] (for batching by a token budget)."""
+        parts = [p.encodings.lengths() for p in self.parts]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+
     def example(self, index: int) -> Example:
         k, i = self.locate(index)
         return self.parts[k].examples[i]
@@ -480,20 +485,30 @@ class PackingCollator:
         return _with_labels(batch, items)
 
 
-def split_by_token_budget(items: Sequence[Dict], max_tokens_per_batch: int) -> List[List[Dict]]:
+def split_by_token_budget(items: Sequence[Dict], max_tokens_per_batch: int,
+                          max_items: Optional[int] = None) -> List[List[Dict]]:
     """Consecutive runs of ``items``, in order, each holding at most ``max_tokens_per_batch`` tokens in all
-    (for :class:`PackingCollator`: one packed batch per run). A run closes when the next item would not fit;
-    an item longer than the budget alone is an error (it fits no batch)."""
+    (for :class:`PackingCollator`: one packed batch per run) and, if given, at most ``max_items`` items.
+    A run closes when the next item would not fit; an item longer than the budget alone is an error (it fits
+    no batch)."""
+    bounds = token_budget_bounds([len(it["input_ids"]) for it in items], max_tokens_per_batch, max_items)
+    return [list(items[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def token_budget_bounds(lengths: Sequence[int], max_tokens_per_batch: int,
+                        max_items: Optional[int] = None) -> List[int]:
+    """Where :func:`split_by_token_budget` cuts items of these lengths: run k is ``[bounds[k], bounds[k+1])``."""
     budget = _positive_int(max_tokens_per_batch, "max_tokens_per_batch")
-    batches: List[List[Dict]] = []
-    tokens = budget  # no open batch: the first item opens one
-    for s, it in enumerate(items):
-        n = len(it["input_ids"])
+    cap = math.inf if max_items is None else _positive_int(max_items, "max_items")
+    bounds = [0]
+    tokens = 0
+    for s, n in enumerate(lengths):
         if n > budget:
             raise ValueError(f"item {s} has {n} tokens, more than max_tokens_per_batch={budget}")
-        if tokens + n > budget:
-            batches.append([])
+        if s > bounds[-1] and (tokens + n > budget or s - bounds[-1] >= cap):
+            bounds.append(s)
             tokens = 0
-        batches[-1].append(it)
         tokens += n
-    return batches
+    if len(lengths):
+        bounds.append(len(lengths))
+    return bounds

@@ -46,7 +46,7 @@ def film_linear(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, index:
         _checks.tensor(op, "bias", bias, (1,), "[N]")
         _checks.like(op, "bias", bias, x, "x")
         _checks.dim(op, "bias", bias, 0, weight.shape[0], "N, the rows of weight")
-    _, fn = resolve("film_linear", x.device, _checks.kernel_dtype(x))
+    _, fn = resolve("film_linear", x.device, _checks.kernel_dtype(x), dtype=x.dtype)
     return fn(x, gamma, beta, index, weight, bias)
 
 

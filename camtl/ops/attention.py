@@ -128,8 +128,10 @@ def conditional_attention(
             longest sequence, checked. No attn_mask (there is no padding);
             head_mask broadcasts to [S, H, Lmax, Lmax] and probs are
             [S, H, Lmax, Lmax] (Lmax = the longest sequence), zero outside
-            each sequence's Ls×Ls corner. The torch backend only for now: a named
-            triton / cuda backend raises BackendUnavailableError, auto runs torch.
+            each sequence's Ls×Ls corner. The triton backend runs the varlen
+            kernels (forward and backward, dropout included; its dropout mask
+            is its own Philox one, not torch's); a named cuda backend raises
+            BackendUnavailableError (no varlen attention yet), auto runs torch.
     With return_probs or head_mask, the torch reference runs whatever the
     backend: only it forms the probabilities.
 
@@ -157,17 +159,14 @@ def conditional_attention(
     if return_probs or head_mask is not None:
         fn = torch_ref.conditional_attention  # documented: only the reference forms the probabilities
     else:
-        _, fn = resolve("conditional_attention", q.device, _unsupported_by_kernels(q, v, attn_mask))
+        _, fn = resolve("conditional_attention", q.device, _unsupported_by_kernels(q, v, attn_mask), q.dtype)
     out, probs = fn(q, k, v, table, index, attn_mask, dropout_p, scale, head_mask, return_probs)
     return (out, probs) if return_probs else out
 
 
-_VARLEN_KERNEL_MISSING = "the varlen (cu_seqlens) Triton kernel is not implemented yet (issue 11)"
-
-
 def _conditional_attention_varlen(op, q, k, v, table, index, attn_mask, dropout_p, scale, head_mask, return_probs,
                                   cu_seqlens, max_seqlen):
-    """The packed form of conditional_attention: checks, then the torch reference (no varlen kernel yet)."""
+    """The packed form of conditional_attention: checks, then the backend's varlen implementation."""
     _check_qkv(op, q, k, v, 3, "[N, H, d] (packed input: cu_seqlens is given)", "(like q, packed [N, H, d])")
     N, H, d = q.shape
     lengths = _check_cu_seqlens(op, cu_seqlens, N, q.device)
@@ -193,9 +192,15 @@ def _conditional_attention_varlen(op, q, k, v, table, index, attn_mask, dropout_
         raise ValueError(f"{op}: argument 'attn_mask' must be None with packed input (cu_seqlens): packed "
                          f"sequences have no padding, and attention never crosses a sequence boundary")
     _check_head_mask_dropout_scale(op, head_mask, "[S, H, Lmax, Lmax]", (S, H, width, width), dropout_p, scale)
-    resolve("conditional_attention", q.device, _VARLEN_KERNEL_MISSING)  # raises for a named kernel backend
-    out, probs = torch_ref.conditional_attention_varlen(q, k, v, cu_seqlens, width, table, index, dropout_p, scale,
-                                                        head_mask, return_probs)
+    if return_probs or head_mask is not None:
+        name = "torch"  # documented: only the reference forms the probabilities
+    else:
+        name, _ = resolve("conditional_attention", q.device, _unsupported_by_kernels(q, v, None), q.dtype)
+        if name not in _VARLEN_IMPLS:  # auto falls back to torch, a named backend raises
+            name, _ = resolve("conditional_attention", q.device,
+                              f"the {name} backend has no varlen (cu_seqlens) attention yet")
+    out, probs = _VARLEN_IMPLS[name](q, k, v, cu_seqlens, width, table, index, dropout_p, scale, head_mask,
+                                     return_probs)
     return (out, probs) if return_probs else out
 
 
@@ -329,6 +334,69 @@ def _attention_backward(ctx, dout, dlse, dbias, dmask):
 _attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
+@torch.library.custom_op("camtl::conditional_attention_varlen_fwd", mutates_args=())
+def _attention_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                          max_seqlen: int, table: torch.Tensor, index: torch.Tensor, scale: float, dropout_p: float,
+                          seed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed: (out [N, H, d], lse [H, N] fp32, the dense bias [G, max_seqlen, max_seqlen] fp32, the dropout bit
+    mask) for q, k, v [N, H, d] and sequences cu_seqlens [S+1]; the last three are saved for the backward."""
+    from camtl.kernels.attention import attention_forward_varlen
+
+    return attention_forward_varlen(q, k, v, cu_seqlens, max_seqlen, table, index, scale, dropout_p,
+                                    int(seed.item()))
+
+
+@_attention_varlen_fwd.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, table, index, scale, dropout_p, seed):
+    from camtl.kernels.attention import dropout_mask_shape
+
+    N, H, d = q.shape
+    S = cu_seqlens.shape[0] - 1
+    return (q.new_empty(q.shape), q.new_empty((H, N), dtype=torch.float32),
+            q.new_empty((table.shape[0], max_seqlen, max_seqlen), dtype=torch.float32),
+            q.new_empty(dropout_mask_shape(S * H, max_seqlen, d, q.dtype, dropout_p), dtype=torch.int32))
+
+
+@torch.library.custom_op("camtl::conditional_attention_varlen_bwd", mutates_args=())
+def _attention_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                          lse: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor, cu_seqlens: torch.Tensor,
+                          max_seqlen: int, table: torch.Tensor, index: torch.Tensor, scale: float, dropout_p: float
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dtable). dtable sums the bias gradients over heads and per task, deterministically."""
+    from camtl.kernels.attention import attention_backward_varlen
+
+    return attention_backward_varlen(dout, q, k, v, out, lse, bias, mask, cu_seqlens, max_seqlen, table, index,
+                                     scale, dropout_p)
+
+
+@_attention_varlen_bwd.register_fake
+def _(dout, q, k, v, out, lse, bias, mask, cu_seqlens, max_seqlen, table, index, scale, dropout_p):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), table.new_empty(table.shape)
+
+
+_checks.refuse_double_backward(_attention_varlen_bwd, "camtl.ops.conditional_attention")
+
+
+def _attention_varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, table, index, scale, dropout_p, seed = inputs
+    out, lse, bias, mask = output
+    ctx.save_for_backward(q, k, v, out, lse, bias, mask, cu_seqlens, table, index)
+    ctx.max_seqlen, ctx.scale, ctx.dropout_p = max_seqlen, scale, dropout_p
+    ctx.set_materialize_grads(False)
+
+
+def _attention_varlen_backward(ctx, dout, dlse, dbias, dmask):
+    q, k, v, out, lse, bias, mask, cu_seqlens, table, index = ctx.saved_tensors
+    if dout is None:
+        return (None,) * 10
+    dq, dk, dv, dtable = _attention_varlen_bwd(dout, q, k, v, out, lse, bias, mask, cu_seqlens, ctx.max_seqlen,
+                                               table, index, ctx.scale, ctx.dropout_p)
+    return dq, dk, dv, None, None, dtable, None, None, None, None
+
+
+_attention_varlen_fwd.register_autograd(_attention_varlen_backward, setup_context=_attention_varlen_setup_context)
+
+
 def key_bias_from_mask(attn_mask: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
     """A [B, L] key padding mask as the fp32 bias the kernels add: bool -> 0 / -inf, float -> itself."""
     if attn_mask is None:
@@ -356,6 +424,21 @@ def _triton_conditional_attention(q, k, v, table, index=None, attn_mask=None, dr
                          float(dropout_p), draw_dropout_seed(dropout_p))[0]
     return out, None
 
+
+def _triton_conditional_attention_varlen(q, k, v, cu_seqlens, max_seqlen, table, index=None, dropout_p=0.0,
+                                         scale=None, head_mask=None, return_probs=False):
+    """The triton backend's packed attention; the arguments as torch_ref.conditional_attention_varlen takes them
+    (max_seqlen: the longest sequence; no head_mask or return_probs: those run the reference)."""
+    if index is None:
+        index = torch.arange(cu_seqlens.shape[0] - 1, device=q.device)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out = _attention_varlen_fwd(q, k, v, cu_seqlens.contiguous(), int(max_seqlen), table, index.contiguous(),
+                                scale, float(dropout_p), draw_dropout_seed(dropout_p))[0]
+    return out, None
+
+
+# The packed form of each backend's conditional_attention, chosen by the same resolve().
+_VARLEN_IMPLS = {"torch": torch_ref.conditional_attention_varlen, "triton": _triton_conditional_attention_varlen}
 
 register("block_bias", "torch", torch_ref.block_bias)
 register("conditional_attention", "torch", torch_ref.conditional_attention)

@@ -56,6 +56,7 @@ import torch
 import torch.distributed as dist
 from transformers import set_seed
 
+from camtl.data.dataset import token_budget_bounds
 from camtl.training.samplers import SAMPLING, MultiTaskBatchSampler, mt_uncertainty_select
 
 # Parameters of conditional modules: trainable even inside frozen layers (the published list
@@ -93,6 +94,8 @@ class TrainingArguments:
     max_steps: int = 0  # > 0 overrides num_train_epochs
     per_device_train_batch_size: int = 32
     per_device_eval_batch_size: int = 64
+    # A token budget per batch (None: batches of a fixed number of examples); see Trainer.
+    max_tokens_per_batch: Optional[int] = None
     gradient_accumulation_steps: int = 1
     warmup_proportion: float = 0.1
     weight_decay: float = 0.01
@@ -137,6 +140,8 @@ class TrainingArguments:
             integer(name, 1)
         for name in ("eval_steps", "save_steps", "seed"):
             integer(name, 0)
+        if self.max_tokens_per_batch is not None:
+            integer("max_tokens_per_batch", 1)
         real("warmup_proportion", lambda v: 0 <= v <= 1, "in [0, 1]")
         real("weight_decay", lambda v: v >= 0, "a finite number >= 0")
         real("adam_epsilon", lambda v: v >= 0, "a finite number >= 0")
@@ -180,6 +185,13 @@ def freeze_encoder_layers(model, spec: Optional[str]) -> List[str]:
     return frozen
 
 
+def _item_lengths(dataset) -> np.ndarray:
+    """Every item's token count: ``dataset.lengths()`` where it has one (MultiTaskDataset), else counted."""
+    if hasattr(dataset, "lengths"):
+        return np.asarray(dataset.lengths(), dtype=np.int64)
+    return np.array([len(dataset[i]["input_ids"]) for i in range(len(dataset))], dtype=np.int64)
+
+
 def _world() -> tuple:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -203,6 +215,20 @@ class Trainer:
         task_names: the tasks' names (for logs and the published STS-B/MRPC quirk).
         save_extra: called with a checkpoint's folder before it is renamed into place, to add files of
             the caller's (the CLI adds the tokenizer and tasks.json); rank 0 only.
+
+    With ``args.max_tokens_per_batch`` = N, every batch holds at most N real tokens (padding not counted)
+    and at most the batch size in examples, whichever limit comes first:
+
+    - training (proportional, uniform): a batch closes before the example that would take it past N tokens;
+      that example opens the next batch (see ``MultiTaskBatchSampler``). The loss is the published one of
+      that batch. Under DDP the global batch holds up to N × processes tokens, each process a slice of it;
+    - MT-Uncertainty: the candidates (batch size per task, as without a budget) are scored in forwards of
+      at most N tokens each; the batch is the longest run of the candidates, by decreasing score, that
+      holds at most N × processes tokens and the global batch size in examples;
+    - evaluation and prediction: consecutive examples up to N tokens (and the evaluation batch size).
+
+    The budget counts real tokens with and without packing, so packed and padded runs see the same batches.
+    N must be at least the longest example (ValueError otherwise): no example is dropped or cut.
     """
 
     def __init__(self, model, args: TrainingArguments, train_dataset, collate: Callable,
@@ -232,7 +258,11 @@ class Trainer:
         self.task_names = list(task_names or [])
         self.save_extra = save_extra
         global_batch = args.per_device_train_batch_size * self.world
-        self.sampler = MultiTaskBatchSampler(train_dataset.task_indices, global_batch, args.sampling, seed=args.seed)
+        budget = args.max_tokens_per_batch
+        self.sampler = MultiTaskBatchSampler(
+            train_dataset.task_indices, global_batch, args.sampling, seed=args.seed,
+            max_tokens_per_batch=None if budget is None else budget * self.world,
+            lengths=None if budget is None else _item_lengths(train_dataset))
         steps_per_epoch = math.ceil(len(self.sampler) / args.gradient_accumulation_steps)
         self.total_steps = args.max_steps if args.max_steps > 0 else max(1, int(args.num_train_epochs * steps_per_epoch))
         self.optimizer = self._optimizer()
@@ -266,17 +296,41 @@ class Trainer:
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     # ---- one step ----------------------------------------------------------------------------------------------
+    def _batches(self, dataset, indices: Sequence[int], batch_size: int):
+        """Consecutive runs of ``indices`` that make one forward each: batch_size items, or with a token
+        budget, items up to max_tokens_per_batch tokens (and batch_size); yields the collated batches."""
+        items = [dataset[i] for i in indices]
+        if self.args.max_tokens_per_batch is None:
+            bounds = list(range(0, len(items), batch_size)) + [len(items)] if items else [0]
+        else:
+            bounds = token_budget_bounds([len(it["input_ids"]) for it in items], self.args.max_tokens_per_batch,
+                                         batch_size)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            yield self._to_device(self.collate(items[a:b]))
+
     def _select(self, indices: List[int]) -> List[int]:
-        """MT-Uncertainty: score the candidates and keep the top global batch."""
-        batch = self._to_device(self.collate([self.train_dataset[i] for i in indices]))
+        """MT-Uncertainty: score the candidates and keep the top global batch.
+
+        With a token budget, the candidates are scored in forwards of at most max_tokens_per_batch tokens
+        (each candidate's score does not depend on the others), and the batch is the longest run of them, by
+        decreasing score, within the sampler's budget."""
         was_training = self.model.training
         self.model.train(self.args.mt_uncertainty_published)  # scoring runs in eval mode unless published
+        entropy, task_id = [], []
         with torch.no_grad(), self._autocast():
-            out = self.model(**{k: v for k, v in batch.items() if k != "labels"})
+            for batch in self._batches(self.train_dataset, indices, len(indices)):
+                entropy.append(self.model(**{k: v for k, v in batch.items() if k != "labels"}).entropy)
+                task_id.append(batch["task_id"])
         self.model.train(was_training)
-        keep = mt_uncertainty_select(out.entropy, batch["task_id"], self.sampler.batch_size,
-                                     self.args.mt_uncertainty_published, self.task_names)
-        return [indices[i] for i in keep.tolist()]
+        scored = {"entropy": torch.cat(entropy), "task_id": torch.cat(task_id)}
+        k = self.sampler.batch_size if self.sampler.max_tokens_per_batch is None else len(indices)
+        keep = mt_uncertainty_select(scored["entropy"], scored["task_id"], k,
+                                     self.args.mt_uncertainty_published, self.task_names).tolist()
+        if self.sampler.max_tokens_per_batch is not None:
+            lengths = self.sampler.lengths[[indices[i] for i in keep]]
+            fits = int(np.searchsorted(np.cumsum(lengths), self.sampler.max_tokens_per_batch, side="right"))
+            keep = keep[:min(fits, self.sampler.batch_size)]  # fits >= 1: the budget holds any example
+        return [indices[i] for i in keep]
 
     def _micro_step(self, indices: List[int], scale: float) -> Dict[str, float]:
         """Forward and backward of this process's slice of a global batch; returns its log values."""
@@ -389,9 +443,7 @@ class Trainer:
         """(predictions, labels or None) over a dataset, in order: class ids, or scores for a regression task."""
         self.model.eval()
         preds, labels = [], []
-        bs = self.args.per_device_eval_batch_size
-        for start in range(0, len(dataset), bs):
-            batch = self._to_device(self.collate([dataset[i] for i in range(start, min(start + bs, len(dataset)))]))
+        for batch in self._batches(dataset, range(len(dataset)), self.args.per_device_eval_batch_size):
             with self._autocast():
                 out = self.model(**{k: v for k, v in batch.items() if k != "labels"})
             regression = torch.tensor(self.model.task_num_labels, device=self.device)[batch["task_id"]] == 1
