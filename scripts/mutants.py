@@ -230,8 +230,8 @@ MUTANTS = [
            "reference block bias: one column past each block",
            T_OPS),
     Mutant("R3", REF,
-           "(1 + g) * x.to(cdt) + b",
-           "g * x.to(cdt) + b",
+           "g = _per_example(1 + gamma.to(cdt), index).unsqueeze(1)",
+           "g = _per_example(gamma.to(cdt), index).unsqueeze(1)",
            "reference FiLM: the `1 +` dropped",
            T_OPS),
     # ---- models ----

@@ -131,3 +131,18 @@ def test_links_no_torch_and_no_dynamic_cudart():
                                check=True).stdout.split()
     assert not [s for s in undefined if "c10" in s or "torch" in s or s.startswith(("cuda", "_Z2at"))]
     assert os.path.getsize(so) > 0
+
+
+def test_the_cuda_backend_runs_the_layer_norm_and_says_why_it_is_off_here():
+    from camtl.backends import BackendUnavailableError, backend_state, implemented_ops
+
+    assert implemented_ops("cuda") == ("conditional_layer_norm",)
+    state = backend_state("cuda")
+    assert state.ops == ("conditional_layer_norm",) and "camtl._C" in state.reason
+    if not torch.cuda.is_available():
+        assert not state.available
+        import camtl
+
+        a = _inputs()
+        with camtl.use_backend("cuda"), pytest.raises(BackendUnavailableError, match="cuda"):
+            camtl.ops.conditional_layer_norm(a["x"], a["weight"], a["bias"], a["gamma"], a["beta"], a["index"])

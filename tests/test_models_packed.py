@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import BertConfig
 
+from camtl.backends import torch_ref
 from camtl.models import CaMtl, CaMtlBaseEncoder, CaMtlLargeEncoder
 
 MAX_LEN = 12
@@ -75,9 +76,14 @@ def run_packed(model, mode, ids, types, tasks, **kwargs):
                  task_id=tasks, **kwargs)
 
 
-@pytest.mark.parametrize("mode", ["position_ids", "cu_seqlens", "flat-both"])
+@pytest.mark.parametrize("mode,bucket_cost", [("position_ids", None), ("cu_seqlens", None), ("flat-both", None),
+                                               ("cu_seqlens", 0)],
+                         ids=["position_ids", "cu_seqlens", "flat-both", "cu_seqlens-bucketed"])
 @pytest.mark.parametrize("cls,layers", [(CaMtlBaseEncoder, 4), (CaMtlLargeEncoder, 3)], ids=["base-4", "large-3"])
-def test_packed_encoder_equals_padded_on_real_tokens(cls, layers, mode):
+def test_packed_encoder_equals_padded_on_real_tokens(cls, layers, mode, bucket_cost, monkeypatch):
+    if bucket_cost is not None:  # the attention in several length buckets, not one padded to the longest
+        monkeypatch.setattr(torch_ref, "BUCKET_COST", bucket_cost)
+        assert len(torch_ref.length_buckets(LENGTHS, torch_ref.MAX_LENGTH_BUCKETS, bucket_cost)) > 1
     model = perturbed(cls(tiny_config(layers), num_tasks=3, max_seq_length=MAX_LEN))
     ids, types = sequences()
     tasks = torch.tensor(TASKS)
@@ -239,3 +245,92 @@ def test_packed_inputs_embeds_equal_packed_input_ids(shape):
                 cu_seqlens=cu, task_id=tasks)
     torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, **TOL)
     torch.testing.assert_close(got.pooler_output, want.pooler_output, **TOL)
+
+
+# ---- the packed attention's torch reference: sequences grouped by length into buckets --------------------------
+
+def naive_varlen_attention(q, k, v, table, index, lengths, width, head_mask):
+    """A loop over sequences: each one's scores, its task's top-left Ls×Ls bias corner, softmax, head_mask, P·V.
+    Returns out [N, H, d] and the probs [S, H, width, width] (zero outside each corner)."""
+    c = table.shape[-1]
+    outs, probs = [], q.new_zeros(len(lengths), q.shape[1], width, width)
+    for s, (a, n) in enumerate(zip([0] + list(torch.tensor(lengths).cumsum(0)[:-1].tolist()), lengths)):
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        same_block = i // c == j // c
+        bias = torch.where(same_block, table[index[s], i, (j - c * (i // c)).clamp(0, c - 1)], 0.0)
+        scores = torch.einsum("ihd,jhd->hij", q[a:a + n], k[a:a + n]) / q.shape[-1] ** 0.5 + bias
+        p = torch.softmax(scores, -1) * head_mask[s, :, :n, :n]
+        probs[s, :, :n, :n] = p
+        outs.append(torch.einsum("hij,jhd->ihd", p, v[a:a + n]))
+    return torch.cat(outs), probs
+
+
+BUCKET_LENGTHS = [4, 1, 12, 7, 12, 2, 9, 3, 12, 5, 6]
+
+
+@pytest.mark.parametrize("bucket_cost", [0, 40, torch_ref.BUCKET_COST])
+def test_varlen_reference_buckets_equal_a_loop_over_sequences(bucket_cost, monkeypatch):
+    monkeypatch.setattr(torch_ref, "BUCKET_COST", bucket_cost)
+    H, d, c, G = 3, 4, 5, 3
+    N, S, width = sum(BUCKET_LENGTHS), len(BUCKET_LENGTHS), max(BUCKET_LENGTHS)
+    q, k, v = (torch.randn(N, H, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    table = torch.randn(G, MAX_LEN, c, dtype=torch.float64, requires_grad=True)
+    head_mask = torch.rand(S, H, 1, width, dtype=torch.float64, requires_grad=True)  # per sequence, head, key
+    index = torch.randint(0, G, (S,))
+    cu = torch.tensor([0] + BUCKET_LENGTHS).cumsum(0).to(torch.int32)
+    out, probs = torch_ref.conditional_attention_varlen(q, k, v, cu, width, table, index, head_mask=head_mask,
+                                                        return_probs=True)
+    want_out, want_probs = naive_varlen_attention(q, k, v, table, index, BUCKET_LENGTHS, width,
+                                                  head_mask.expand(S, H, width, width))
+    torch.testing.assert_close(out, want_out, **TOL)
+    torch.testing.assert_close(probs, want_probs, **TOL)
+    grad_out, grad_probs = torch.randn_like(out), torch.randn_like(probs)
+    leaves = [q, k, v, table, head_mask]
+    got = torch.autograd.grad((out, probs), leaves, (grad_out, grad_probs))
+    want = torch.autograd.grad((want_out, want_probs), leaves, (grad_out, grad_probs))
+    for name, g, w in zip(["q", "k", "v", "table", "head_mask"], got, want, strict=True):
+        torch.testing.assert_close(g, w, **TOL, msg=f"grad of {name}")
+    # Dropout draws per bucket: the same seed gives the same output with or without the probs.
+    torch.manual_seed(3)
+    dropped, _ = torch_ref.conditional_attention_varlen(q, k, v, cu, width, table, index, dropout_p=0.3,
+                                                        return_probs=True)
+    torch.manual_seed(3)
+    again, _ = torch_ref.conditional_attention_varlen(q, k, v, cu, width, table, index, dropout_p=0.3)
+    assert torch.equal(dropped, again) and not torch.allclose(dropped, out)
+
+
+def test_varlen_reference_plan_made_in_inference_mode_serves_a_backward_later():
+    """The bucket plan is cached by the lengths: one first made under inference_mode must not hold inference
+    tensors, which a training step with the same lengths could not save for its backward."""
+    lengths = [3, 8, 5, 2, 7]  # lengths no other test uses: the plan is made here
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    q, k, v = (torch.randn(sum(lengths), 2, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    table = torch.randn(2, MAX_LEN, 5, dtype=torch.float64, requires_grad=True)
+    index = torch.tensor([0, 1, 1, 0, 1])
+    with torch.inference_mode():
+        first, _ = torch_ref.conditional_attention_varlen(q, k, v, cu, 8, table, index)
+    out, _ = torch_ref.conditional_attention_varlen(q, k, v, cu, 8, table, index)
+    torch.testing.assert_close(out, first, **TOL)
+    grads = torch.autograd.grad(out.sum(), [q, k, v, table])
+    assert all(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("max_buckets,bucket_cost", [(1, 0), (3, 0), (8, 0), (8, 30), (8, 10 ** 6)])
+def test_length_buckets_are_a_cheapest_split_by_length(max_buckets, bucket_cost):
+    """Every sequence in one bucket; the cost sum(n_b * L_b^2 + bucket_cost) is the least over every split of
+    the sorted lengths into at most max_buckets runs (brute force)."""
+    import itertools
+
+    lengths = torch.randint(1, 40, (9,)).tolist()
+    buckets = torch_ref.length_buckets(lengths, max_buckets, bucket_cost)
+    assert sorted(s for b in buckets for s in b) == list(range(len(lengths)))
+    assert 1 <= len(buckets) <= max_buckets
+
+    def cost(groups):
+        return sum(len(g) * max(g) ** 2 + bucket_cost for g in groups)
+
+    ordered = sorted(lengths)
+    best = min(cost([ordered[a:b] for a, b in zip((0,) + cuts, cuts + (len(ordered),))])
+               for n_cuts in range(max_buckets) for cuts in itertools.combinations(range(1, len(ordered)), n_cuts))
+    assert cost([[lengths[s] for s in b] for b in buckets]) == best
+    assert torch_ref.length_buckets([], max_buckets, bucket_cost) == []

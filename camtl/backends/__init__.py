@@ -8,7 +8,8 @@ Backends:
 - ``cuda``: the CUDA C++ extension ``camtl._C``, for CUDA tensors.
 
 Choice: ``CAMTL_BACKEND=auto|torch|triton|cuda`` or ``with camtl.use_backend(name)``.
-``auto`` takes the fastest backend that implements the op for the tensors'
+``auto`` takes the first of triton, cuda, torch (cuda comes after triton until its
+kernels have run on a GPU) that implements the op for the tensors'
 device. A backend asked for by name runs every op it implements; the ops it
 does not implement at all (``camtl info`` lists them) run on torch. If it is
 unavailable, or cannot run an op it implements on the given tensors or
@@ -40,8 +41,9 @@ import torch
 
 BACKEND_NAMES: Tuple[str, ...] = ("torch", "triton", "cuda")
 _CHOICES = ("auto",) + BACKEND_NAMES
-# Fastest first: what ``auto`` tries.
-_AUTO_ORDER = ("cuda", "triton", "torch")
+# What ``auto`` tries, in order. cuda after triton until its kernels have run on a GPU (make gpu-check): code
+# that never ran is not the default.
+_AUTO_ORDER = ("triton", "cuda", "torch")
 
 _override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("camtl_backend", default=None)
 # op name -> backend name -> the function that runs it (same signature as the torch reference).
@@ -148,15 +150,16 @@ def _cuda_state() -> BackendState:
     except Exception as exc:
         return BackendState(
             "cuda", False,
-            f"the CUDA extension camtl._C is not built ({type(exc).__name__}: {exc}); "
-            "no CUDA kernels are implemented yet", (),
+            f"the CUDA extension camtl._C is not built ({type(exc).__name__}: {exc}); install camtl where nvcc is "
+            "found (setup.py builds it, CAMTL_CUDA_ARCHS picks the GPUs)", (),
         )
+    built = f"camtl._C built for {getattr(ext, 'ARCHS', '?')}"
     ops = implemented_ops("cuda")
     if not ops:
-        return BackendState("cuda", False, "camtl._C implements no ops yet", ())
+        return BackendState("cuda", False, f"{built}, but it implements no ops", ())
     if not torch.cuda.is_available():
-        return BackendState("cuda", False, "no CUDA device is visible to torch", ops)
-    return BackendState("cuda", True, "CUDA tensors", ops)
+        return BackendState("cuda", False, f"no CUDA device is visible to torch ({built})", ops)
+    return BackendState("cuda", True, f"CUDA tensors ({built})", ops)
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from camtl.backends import register, resolve, torch_ref
+from camtl.backends import cuda_ext, register, resolve, torch_ref
 from camtl.ops import _checks
 from camtl.ops._reduce import per_task_sum
 
@@ -150,3 +150,4 @@ def _triton_conditional_layer_norm(x, weight, bias, gamma, beta, index=None, eps
 
 register("conditional_layer_norm", "torch", torch_ref.conditional_layer_norm)
 register("conditional_layer_norm", "triton", _triton_conditional_layer_norm)
+register("conditional_layer_norm", "cuda", cuda_ext.conditional_layer_norm)
