@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from camtl.backends import cuda_ext
+from camtl.ops.layer_norm import _cuda_conditional_layer_norm as cuda_layer_norm
 
 try:
     import camtl._C as ext
@@ -66,7 +67,7 @@ def test_refuses_cpu_tensors_before_touching_the_extension():
     with pytest.raises(ValueError, match="argument 'x' must be a CUDA tensor, got one on cpu"):
         cuda_ext.layer_norm_forward(a["x"], a["weight"], a["bias"], a["gamma"], a["beta"], a["index"], None, 1e-5)
     with pytest.raises(ValueError, match="argument 'x' must be a CUDA tensor"):
-        cuda_ext.conditional_layer_norm(a["x"], a["weight"], a["bias"], a["gamma"], a["beta"], a["index"])
+        cuda_layer_norm(a["x"], a["weight"], a["bias"], a["gamma"], a["beta"], a["index"])
 
 
 def test_ops_are_registered_with_fake_implementations():

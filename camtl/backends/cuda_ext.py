@@ -3,22 +3,19 @@
 camtl._C is torch-free: it takes ``data_ptr()`` integers, sizes, row strides
 and the current stream's handle. So every tensor is checked here first
 (device, dtype, layout, shape, index range): the kernels trust what they get.
-The conditional layer norm is wired like the Triton one (camtl/ops/layer_norm.py):
-torch.library custom ops for the forward and the backward, an autograd
-formula, fake implementations, and the same deterministic per-task sum of the
-backward's partials (camtl.ops._reduce.per_task_sum). Importing this module
-does not import camtl._C; the first launch does.
+camtl/ops/layer_norm.py wires the launch functions here into torch.library
+ops (camtl::cuda_conditional_layer_norm_fwd / _bwd) exactly as it wires the
+Triton ones: autograd, fake implementations, and the same deterministic
+per-task sum of the backward's partials. Importing this module does not
+import camtl._C; the first launch does.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
-
 import torch
 
 from camtl.ops import _checks
-from camtl.ops._reduce import per_task_sum
 
 OP = "camtl.ops.conditional_layer_norm (cuda backend)"
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -179,75 +176,3 @@ def layer_norm_backward(dy, x, weight, gamma, beta, index, residual, mean, rstd)
                 index.data_ptr(), mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(), D, dscale.data_ptr(),
                 dbias.data_ptr(), M, B, chunk_rows, chunks, D, _stream(x.device))
     return dx.view(x.shape), dscale, dbias
-
-
-def parameter_grads(dscale, dbias, weight, gamma, index):
-    """(dweight, dbias, dgamma, dbeta) from the backward's partials, in the parameters' dtypes."""
-    dbeta = per_task_sum(dscale, index, gamma.shape[0])  # [G, D]: Σ dy∘x̂ over the rows of each task
-    dgamma = dbeta * weight.float()
-    dweight = ((1 + gamma.float()) * dbeta).sum(0)
-    return (dweight.to(weight.dtype), dbias.sum((0, 1)).to(weight.dtype), dgamma.to(gamma.dtype),
-            dbeta.to(gamma.dtype))
-
-
-# ---- torch.library ops, as the Triton backend's --------------------------------------------------------------------
-
-@torch.library.custom_op("camtl::cuda_conditional_layer_norm_fwd", mutates_args=())
-def _cln_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-             index: torch.Tensor, residual: Optional[torch.Tensor], eps: float
-             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, mean, rstd): y like x, mean and rstd [B, *] fp32 (the statistics of x + residual)."""
-    return layer_norm_forward(x, weight, bias, gamma, beta, index, residual, eps)
-
-
-@_cln_fwd.register_fake
-def _(x, weight, bias, gamma, beta, index, residual, eps):
-    stats = x.shape[:-1]
-    return x.new_empty(x.shape), x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32)
-
-
-@torch.library.custom_op("camtl::cuda_conditional_layer_norm_bwd", mutates_args=())
-def _cln_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-             index: torch.Tensor, residual: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor
-             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dweight, dbias, dgamma, dbeta); dx is also the gradient of the residual."""
-    dx, dscale, dbias = layer_norm_backward(dy, x, weight, gamma, beta, index, residual, mean, rstd)
-    return (dx, *parameter_grads(dscale, dbias, weight, gamma, index))
-
-
-@_cln_bwd.register_fake
-def _(dy, x, weight, gamma, beta, index, residual, mean, rstd):
-    return (x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape),
-            gamma.new_empty(gamma.shape), gamma.new_empty(gamma.shape))
-
-
-def _refuse_double_backward(ctx, *grads):
-    raise RuntimeError(f"{OP}: double backward (differentiating a gradient) is supported on the torch backend "
-                       "only; run the op under camtl.use_backend('torch') (or CAMTL_BACKEND=torch)")
-
-
-_cln_bwd.register_autograd(_refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
-
-
-def _cln_setup_context(ctx, inputs, output):
-    x, weight, bias, gamma, beta, index, residual, eps = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, gamma, beta, index, residual, mean, rstd)
-
-
-def _cln_backward(ctx, dy, dmean, drstd):
-    x, weight, gamma, beta, index, residual, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias, dgamma, dbeta = _cln_bwd(dy, x, weight, gamma, beta, index, residual, mean, rstd)
-    # y depends on x + residual only: both get dx (as an add's backward does).
-    return dx, dweight, dbias, dgamma, dbeta, None, (dx if residual is not None else None), None
-
-
-_cln_fwd.register_autograd(_cln_backward, setup_context=_cln_setup_context)
-
-
-def conditional_layer_norm(x, weight, bias, gamma, beta, index=None, eps=1e-5, residual=None):
-    """The cuda backend's conditional_layer_norm (camtl.ops.conditional_layer_norm's signature)."""
-    if index is None:
-        index = torch.arange(x.shape[0], device=x.device)
-    y, _, _ = _cln_fwd(x, weight, bias, gamma, beta, index.long(), residual, float(eps))
-    return y

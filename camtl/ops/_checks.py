@@ -140,7 +140,7 @@ def autocast_inputs(policy: str, *tensors):
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
 
 
-def refuse_double_backward(backward_op, op: str) -> None:
+def refuse_double_backward(backward_op, op: str, backend: str = "triton") -> None:
     """Gives a kernel's backward op (a torch.library custom op) an autograd formula that raises a clear error.
 
     Without one, a gradient of a gradient through it fails with torch's "no autograd formula" message.
@@ -148,7 +148,7 @@ def refuse_double_backward(backward_op, op: str) -> None:
     def backward(ctx, *grads):
         raise RuntimeError(
             f"{op}: double backward (differentiating a gradient, e.g. after backward(create_graph=True)) is "
-            f"supported on the torch backend only, and this gradient came from the triton backend; "
+            f"supported on the torch backend only, and this gradient came from the {backend} backend; "
             f"run the op under camtl.use_backend('torch') (or CAMTL_BACKEND=torch)"
         )
 

@@ -83,71 +83,86 @@ def _unsupported_by_kernels(x) -> Optional[str]:
     return _checks.kernel_dtype(x)
 
 
-# ---- the fused (Triton) implementation, as torch.library ops ---------------------------------------------------
+# ---- the kernel backends (Triton, CUDA), as torch.library ops ---------------------------------------------------
 
-@torch.library.custom_op("camtl::conditional_layer_norm_fwd", mutates_args=())
-def _cln_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-             index: torch.Tensor, residual: Optional[torch.Tensor], eps: float
-             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, mean, rstd): y like x, mean and rstd [B, *] fp32 (the statistics of x + residual)."""
-    from camtl.kernels.layer_norm import layer_norm_forward
-
-    return layer_norm_forward(x, weight, bias, gamma, beta, index, residual, eps)
-
-
-@_cln_fwd.register_fake
-def _(x, weight, bias, gamma, beta, index, residual, eps):
-    stats = x.shape[:-1]
-    return x.new_empty(x.shape), x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32)
-
-
-@torch.library.custom_op("camtl::conditional_layer_norm_bwd", mutates_args=())
-def _cln_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-             index: torch.Tensor, residual: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor
-             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dweight, dbias, dgamma, dbeta); dx is also the gradient of the residual."""
-    from camtl.kernels.layer_norm import layer_norm_backward
-
-    dx, dscale, dbias = layer_norm_backward(dy, x, weight, gamma, beta, index, residual, mean, rstd)
+def parameter_grads(dscale, dbias, weight, gamma, index):
+    """(dweight, dbias, dgamma, dbeta) from a kernel backward's fp32 partials dscale, dbias [B, chunks, D], in the
+    parameters' dtypes: dbeta sums Σ dy∘x̂ per task (deterministically), the others follow from it."""
     dbeta = per_task_sum(dscale, index, gamma.shape[0])  # [G, D]: Σ dy∘x̂ over the rows of each task
     dgamma = dbeta * weight.float()
     dweight = ((1 + gamma.float()) * dbeta).sum(0)
-    return (dx, dweight.to(weight.dtype), dbias.sum((0, 1)).to(weight.dtype), dgamma.to(gamma.dtype),
+    return (dweight.to(weight.dtype), dbias.sum((0, 1)).to(weight.dtype), dgamma.to(gamma.dtype),
             dbeta.to(gamma.dtype))
 
 
-@_cln_bwd.register_fake
-def _(dy, x, weight, gamma, beta, index, residual, mean, rstd):
-    return (x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape),
-            gamma.new_empty(gamma.shape), gamma.new_empty(gamma.shape))
+def _kernel_backend(backend: str, op_prefix: str, launches):
+    """Wires one kernel backend: the ops camtl::{op_prefix}conditional_layer_norm_fwd / _bwd (fake implementations,
+    autograd, double backward refused) around launches() = (forward, backward), the backend's launch functions
+    (looked up at the first call: importing them may need the backend). Returns its conditional_layer_norm."""
+
+    @torch.library.custom_op(f"camtl::{op_prefix}conditional_layer_norm_fwd", mutates_args=())
+    def fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+            index: torch.Tensor, residual: Optional[torch.Tensor], eps: float
+            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(y, mean, rstd): y like x, mean and rstd [B, *] fp32 (the statistics of x + residual)."""
+        return launches()[0](x, weight, bias, gamma, beta, index, residual, eps)
+
+    @fwd.register_fake
+    def _(x, weight, bias, gamma, beta, index, residual, eps):
+        stats = x.shape[:-1]
+        return x.new_empty(x.shape), x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32)
+
+    @torch.library.custom_op(f"camtl::{op_prefix}conditional_layer_norm_bwd", mutates_args=())
+    def bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+            index: torch.Tensor, residual: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor
+            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dx, dweight, dbias, dgamma, dbeta); dx is also the gradient of the residual."""
+        dx, dscale, dbias = launches()[1](dy, x, weight, gamma, beta, index, residual, mean, rstd)
+        return (dx, *parameter_grads(dscale, dbias, weight, gamma, index))
+
+    @bwd.register_fake
+    def _(dy, x, weight, gamma, beta, index, residual, mean, rstd):
+        return (x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape),
+                gamma.new_empty(gamma.shape), gamma.new_empty(gamma.shape))
+
+    _checks.refuse_double_backward(bwd, "camtl.ops.conditional_layer_norm", backend)
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, gamma, beta, index, residual, eps = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(x, weight, gamma, beta, index, residual, mean, rstd)
+
+    def backward(ctx, dy, dmean, drstd):
+        x, weight, gamma, beta, index, residual, mean, rstd = ctx.saved_tensors
+        dx, dweight, dbias, dgamma, dbeta = bwd(dy, x, weight, gamma, beta, index, residual, mean, rstd)
+        # y depends on x + residual only: both get dx (as an add's backward does).
+        return dx, dweight, dbias, dgamma, dbeta, None, (dx if residual is not None else None), None
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+
+    def conditional_layer_norm(x, weight, bias, gamma, beta, index=None, eps=1e-5, residual=None):
+        if index is None:
+            index = torch.arange(x.shape[0], device=x.device)
+        y, _, _ = fwd(x, weight, bias, gamma, beta, index, residual, float(eps))
+        return y
+
+    conditional_layer_norm.__doc__ = f"The {backend} backend's conditional_layer_norm (the ops' signature)."
+    conditional_layer_norm.forward_op, conditional_layer_norm.backward_op = fwd, bwd
+    return conditional_layer_norm
 
 
-_checks.refuse_double_backward(_cln_bwd, "camtl.ops.conditional_layer_norm")
+def _triton_launches():
+    from camtl.kernels.layer_norm import layer_norm_backward, layer_norm_forward
+
+    return layer_norm_forward, layer_norm_backward
 
 
-def _cln_setup_context(ctx, inputs, output):
-    x, weight, bias, gamma, beta, index, residual, eps = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, gamma, beta, index, residual, mean, rstd)
-
-
-def _cln_backward(ctx, dy, dmean, drstd):
-    x, weight, gamma, beta, index, residual, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias, dgamma, dbeta = _cln_bwd(dy, x, weight, gamma, beta, index, residual, mean, rstd)
-    # y depends on x + residual only: both get dx (as an add's backward does).
-    return dx, dweight, dbias, dgamma, dbeta, None, (dx if residual is not None else None), None
-
-
-_cln_fwd.register_autograd(_cln_backward, setup_context=_cln_setup_context)
-
-
-def _triton_conditional_layer_norm(x, weight, bias, gamma, beta, index=None, eps=1e-5, residual=None):
-    if index is None:
-        index = torch.arange(x.shape[0], device=x.device)
-    y, _, _ = _cln_fwd(x, weight, bias, gamma, beta, index, residual, float(eps))
-    return y
-
+_triton_conditional_layer_norm = _kernel_backend("triton", "", _triton_launches)
+_cuda_conditional_layer_norm = _kernel_backend(
+    "cuda", "cuda_", lambda: (cuda_ext.layer_norm_forward, cuda_ext.layer_norm_backward))
+_cln_fwd = _triton_conditional_layer_norm.forward_op  # the Triton ops, by the names the tests use
+_cln_bwd = _triton_conditional_layer_norm.backward_op
 
 register("conditional_layer_norm", "torch", torch_ref.conditional_layer_norm)
 register("conditional_layer_norm", "triton", _triton_conditional_layer_norm)
-register("conditional_layer_norm", "cuda", cuda_ext.conditional_layer_norm)
+register("conditional_layer_norm", "cuda", _cuda_conditional_layer_norm)

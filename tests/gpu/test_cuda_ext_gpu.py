@@ -4,7 +4,7 @@ torch backend: outputs and every gradient, dtypes, odd D, strided rows, determin
 import pytest
 import torch
 
-from camtl.backends import cuda_ext
+from camtl.ops.layer_norm import _cuda_conditional_layer_norm as cuda_layer_norm
 
 try:
     import camtl._C as ext
@@ -48,7 +48,7 @@ def test_cuda_ext_matches_torch(dtype, Dn, row_stride, residual):
     args, dy = _gpu_inputs(4, 5, Dn, 5, dtype, residual, seed=Dn, row_stride=row_stride)
     index = torch.tensor([3, 0, 3, 1], device="cuda")  # tasks 2 and 4 absent
     leaves = {k: v.detach().requires_grad_() for k, v in args.items() if v is not None}  # strides kept
-    y = cuda_ext.conditional_layer_norm(leaves["x"], leaves["weight"], leaves["bias"], leaves["gamma"],
+    y = cuda_layer_norm(leaves["x"], leaves["weight"], leaves["bias"], leaves["gamma"],
                                         leaves["beta"], index, 1e-5, leaves.get("residual"))
     y.backward(dy)
     ref = {k: v.detach().double().requires_grad_() for k, v in args.items() if v is not None}
@@ -70,7 +70,7 @@ def test_cuda_ext_is_bitwise_deterministic():
     outs = []
     for _ in range(2):
         leaves = {k: v.detach().requires_grad_() for k, v in args.items()}
-        y = cuda_ext.conditional_layer_norm(leaves["x"], leaves["weight"], leaves["bias"], leaves["gamma"],
+        y = cuda_layer_norm(leaves["x"], leaves["weight"], leaves["bias"], leaves["gamma"],
                                             leaves["beta"], index, 1e-5, leaves["residual"])
         y.backward(dy)
         outs.append([y] + [leaves[k].grad for k in sorted(leaves)])
@@ -85,8 +85,8 @@ def test_cuda_ext_opcheck_and_compile():
     torch.library.opcheck(torch.ops.camtl.cuda_conditional_layer_norm_fwd,
                           (leaves["x"], leaves["weight"], leaves["bias"], leaves["gamma"], leaves["beta"], index,
                            leaves["residual"], 1e-5))
-    compiled = torch.compile(cuda_ext.conditional_layer_norm, fullgraph=True)
+    compiled = torch.compile(cuda_layer_norm, fullgraph=True)
     y = compiled(args["x"], args["weight"], args["bias"], args["gamma"], args["beta"], index, 1e-5, args["residual"])
-    torch.testing.assert_close(y, cuda_ext.conditional_layer_norm(args["x"], args["weight"], args["bias"],
+    torch.testing.assert_close(y, cuda_layer_norm(args["x"], args["weight"], args["bias"],
                                                                   args["gamma"], args["beta"], index, 1e-5,
                                                                   args["residual"]))
