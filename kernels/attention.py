@@ -115,6 +115,29 @@ def _band(r0, L, C, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _loops(r0, L, C, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, HAS_BLOCK_BIAS: tl.constexpr):
+    """(band_first, band_hi, after): the tiles of BLOCK_T before the diagonal band of rows r0 .. r0 + BLOCK_R start
+    at 0 and end at band_first; the band's tiles end at band_hi; the tiles after it start at after. Without the
+    bias: (L, L, L), and only phase 0 runs: one loop over every tile."""
+    if HAS_BLOCK_BIAS:
+        band_lo, band_hi = _band(r0, L, C, BLOCK_R)
+        return band_lo // BLOCK_T * BLOCK_T, band_hi, tl.cdiv(band_hi, BLOCK_T) * BLOCK_T
+    else:
+        return L, L, L
+
+
+@triton.jit
+def _phase(phase: tl.constexpr, band_first, band_hi, after, L):
+    """[lo, hi) of loop phase 0 (before the band), 1 (on it) or 2 (after it)."""
+    if phase == 0:
+        return 0, band_first
+    elif phase == 1:
+        return band_first, band_hi
+    else:
+        return after, L
+
+
+@triton.jit
 def _keep_bits(MASK_ROWS, offs_r, n0, L, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, WORD: tl.constexpr):
     """The keep mask of a [BLOCK_R, BLOCK_N] tile from the bit mask rows (WORD bits per int32 word), as int32 0/1."""
     words = tl.load(MASK_ROWS + (n0 // WORD) + tl.arange(0, BLOCK_N // WORD)[None, :])
@@ -225,27 +248,12 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if HAS_BLOCK_BIAS:
-        # Three loops, so that no tile tests whether it meets the band: before it, on it (bias tiles), after it.
-        band_lo, band_hi = _band(m0, L, C, BLOCK_M)
-        band_first = band_lo // BLOCK_N * BLOCK_N
-        after = tl.cdiv(band_hi, BLOCK_N) * BLOCK_N
-        for n0 in range(0, band_first, BLOCK_N):
+    band_first, band_hi, after = _loops(m0, L, C, BLOCK_M, BLOCK_N, HAS_BLOCK_BIAS)
+    for phase in tl.static_range(3 if HAS_BLOCK_BIAS else 1):  # before the band, on it (its bias tiles), after it
+        lo, hi = _phase(phase, band_first, band_hi, after, L)
+        for n0 in range(lo, hi, BLOCK_N):
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_m, offs_n_base, offs_d, d_ok, L,
-                                      qk_scale, bias_rows, key_bias_row, mask_rows, skl, skd, svl, svd, False,
-                                      HAS_KEY_BIAS, DROPOUT, EVEN, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
-        for n0 in range(band_first, band_hi, BLOCK_N):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_m, offs_n_base, offs_d, d_ok, L,
-                                      qk_scale, bias_rows, key_bias_row, mask_rows, skl, skd, svl, svd, True,
-                                      HAS_KEY_BIAS, DROPOUT, EVEN, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
-        for n0 in range(after, L, BLOCK_N):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_m, offs_n_base, offs_d, d_ok, L,
-                                      qk_scale, bias_rows, key_bias_row, mask_rows, skl, skd, svl, svd, False,
-                                      HAS_KEY_BIAS, DROPOUT, EVEN, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
-    else:
-        for n0 in range(0, L, BLOCK_N):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_m, offs_n_base, offs_d, d_ok, L,
-                                      qk_scale, bias_rows, key_bias_row, mask_rows, skl, skd, svl, svd, False,
+                                      qk_scale, bias_rows, key_bias_row, mask_rows, skl, skd, svl, svd, phase == 1,
                                       HAS_KEY_BIAS, DROPOUT, EVEN, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
     if DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
@@ -442,27 +450,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, INDEX, KEY_BIAS, MAS
     dropout_scale = 1.0 / (1.0 - dropout_p)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    if HAS_BLOCK_BIAS:
-        band_lo, band_hi = _band(n0, L, C, BLOCK_N)  # the queries whose diagonal block meets these keys
-        band_first = band_lo // BLOCK_M * BLOCK_M
-        after = tl.cdiv(band_hi, BLOCK_M) * BLOCK_M
-        for m0 in range(0, band_first, BLOCK_M):
+    band_first, band_hi, after = _loops(n0, L, C, BLOCK_N, BLOCK_M, HAS_BLOCK_BIAS)  # queries meeting these keys
+    for phase in tl.static_range(3 if HAS_BLOCK_BIAS else 1):
+        lo, hi = _phase(phase, band_first, band_hi, after, L)
+        for m0 in range(lo, hi, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, offs_n, offs_d, d_ok, L, LB, qk_scale,
                                 bias_cols, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_scale, sql, sqd, sdol,
-                                sdod, W, False, HAS_KEY_BIAS, DROPOUT, EVEN, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
-        for m0 in range(band_first, band_hi, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, offs_n, offs_d, d_ok, L, LB, qk_scale,
-                                bias_cols, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_scale, sql, sqd, sdol,
-                                sdod, W, True, HAS_KEY_BIAS, DROPOUT, EVEN, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
-        for m0 in range(after, L, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, offs_n, offs_d, d_ok, L, LB, qk_scale,
-                                bias_cols, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_scale, sql, sqd, sdol,
-                                sdod, W, False, HAS_KEY_BIAS, DROPOUT, EVEN, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
-    else:
-        for m0 in range(0, L, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, offs_n, offs_d, d_ok, L, LB, qk_scale,
-                                bias_cols, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_scale, sql, sqd, sdol,
-                                sdod, W, False, HAS_KEY_BIAS, DROPOUT, EVEN, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
+                                sdod, W, phase == 1, HAS_KEY_BIAS, DROPOUT, EVEN, UPCAST, PRECISION, BLOCK_M, BLOCK_N,
+                                WORD)
     if DROPOUT:
         dv = dv * dropout_scale
     # DK and DV are contiguous and alike: one set of strides (sg*) serves both.

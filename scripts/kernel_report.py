@@ -181,7 +181,7 @@ def collect_configs(archs=tuple(ARCHS), dtypes=DTYPES, head_dims=HEAD_DIMS, hidd
         for name, attr, args, kwargs in launches:
             kwargs = dict(kwargs)
             if fields.get("yardstick"):
-                if "HAS_BLOCK_BIAS" not in _unwrap(getattr(module, attr)).arg_names:
+                if "HAS_BLOCK_BIAS" not in _arg_names(getattr(module, attr)):
                     continue  # a helper kernel (bias expansion, dropout mask, dtable): no plain-attention twin
                 kwargs["HAS_BLOCK_BIAS"] = False
             for arch in archs:
@@ -274,6 +274,13 @@ def _tool(name: str) -> str:
     if not path.exists():
         raise FileNotFoundError(f"kernel_report: triton's bundled {name} is missing at {path}")
     return str(path)
+
+
+def _arg_names(fn):
+    """A kernel's argument names, through autotune / heuristics wrappers (the interpreter's kernels too)."""
+    while not hasattr(fn, "arg_names") and hasattr(fn, "fn"):
+        fn = fn.fn
+    return fn.arg_names
 
 
 def _unwrap(fn):

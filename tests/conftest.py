@@ -12,6 +12,15 @@ if not torch.cuda.is_available():
 
 import camtl  # noqa: E402  (after TRITON_INTERPRET is set)
 
+# Every kernel module is imported now, under the interpreter setting above: a test that compiles for a GPU
+# (tests/test_kernel_report.py unsets TRITON_INTERPRET) must not be the first to import one, or every later test
+# would get its kernels jitted for a GPU that is not here.
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import camtl.kernels.adapter  # noqa: E402,F401
+    import camtl.kernels.attention  # noqa: E402,F401
+    import camtl.kernels.film  # noqa: E402,F401
+    import camtl.kernels.layer_norm  # noqa: E402,F401
+
 # Tolerances (rtol, atol) by dtype, against a float64 reference.
 TOL = {
     torch.float64: (1e-12, 1e-12),
