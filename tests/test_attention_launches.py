@@ -6,7 +6,7 @@ Counting rule, per pass:
 - every Triton kernel launch (a counter around the jitted kernels of camtl.kernels.attention);
 - every torch op dispatched on a tensor (a TorchDispatchMode) except the ones that launch nothing on a GPU:
   views (the op's schema says it returns an alias), detach / alias, and the bare allocations empty /
-  empty_strided / new_empty (memory from the caching allocator, no kernel), and scalar_tensor on the CPU (a
+  empty_like / empty_strided / new_empty (memory from the caching allocator, no kernel), and scalar_tensor on the CPU (a
   Python number wrapped as a host tensor, as in torch.where(mask, 0.0, -inf): a CUDA kernel takes it as an
   argument). Composite ops (matmul, one_hot) are counted as the ops they run. Fills, copies, casts, reductions
   and GEMMs count. Ops that the Triton interpreter issues to run a kernel on the CPU are not counted (the
