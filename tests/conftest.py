@@ -201,3 +201,14 @@ def shuffled_program_order(seed):
         yield
     finally:
         builder.set_grid_dim, builder.set_grid_idx = real_set_dim, real_set_idx
+
+
+def assert_independent_of_program_order(compute, names, seed):
+    """compute() (a list of tensors, named by names) is bitwise the same with the programs in grid order and
+    shuffled: no atomics, no two programs writing one place."""
+    in_grid_order = compute()
+    with shuffled_program_order(seed=seed):
+        shuffled = compute()
+    assert len(names) == len(shuffled) == len(in_grid_order)
+    for name, got, want in zip(names, shuffled, in_grid_order):
+        assert torch.equal(got, want), f"{name} depends on the program order"

@@ -86,28 +86,34 @@ def test_ptxas_log_gives_registers_and_spills():
         kr.parse_ptxas_log("ptxas fatal   : Unresolved extern function")
 
 
-def test_report_compiles_the_d64_fp16_attention_forward_for_sm90a(tmp_path):
-    """The real path, CPU only: the dispatcher's launch recorded, compiled for sm_90a, read back from the JSON."""
+def test_report_compiles_the_d64_fp16_attention_forwards_for_sm90a(tmp_path):
+    """The real path, CPU only: the dispatcher's launches (padded and packed) recorded, compiled for sm_90a, read back
+    from the JSON."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--arch", "sm_90a", "--dtype", "fp16", "--head-dim",
-         "64", "--hidden", "768", "--kernel", "attention_fwd", "--no-progress"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+         "64", "--hidden", "768", "--kernel", "attention_fwd", "attention_fwd_varlen", "--no-progress"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "kernel-report.json").read_text())
-    rows = report["rows"]
+    rows = [r for r in report["rows"] if r["kernel"] == "attention_fwd"]
+    varlen = [r for r in report["rows"] if r["kernel"] == "attention_fwd_varlen"]
+    assert len(rows) + len(varlen) == len(report["rows"])
     assert [(r["dropout"], r["key_padding"], r["yardstick"]) for r in rows] == [
         (False, False, False), (False, True, False), (True, False, False), (True, True, False), (False, False, True)]
-    for row in rows:
+    assert [(r["dropout"], r["variant"]) for r in varlen] == [(False, "varlen"), (True, "varlen")]
+    for row in rows + varlen:
         assert set(kr.FIELDS) <= set(row)
-        assert (row["kernel"], row["arch"], row["dtype"], row["head_dim"]) == ("attention_fwd", "sm_90a", "fp16", 64)
+        assert (row["arch"], row["dtype"], row["head_dim"]) == ("sm_90a", "fp16", 64)
         assert row["block_m"] >= 16 and row["block_n"] >= 16 and row["num_warps"] >= 1 and row["num_stages"] >= 1
         assert 0 < row["regs"] <= 255
         assert row["spill_bytes"] >= 0 and row["smem_bytes"] > 0
         assert row["tensor_core_op"] == "wgmma"  # d64 fp16 on sm_90a compiles to HGMMA
         assert row["loop"].startswith("innermost") and row["loop_instructions"] > 0
+    assert varlen[0]["loop_instructions"] < varlen[1]["loop_instructions"]  # dropout's mask is read in the loop
+    assert "attention_fwd_varlen" in result.stdout
     plain, padded, dropout, _, yardstick = rows
-    # The yardstick compiles the bias gather, the key padding and dropout out: its loop is strictly shorter.
+    # The yardstick compiles the bias, the key padding and dropout out: its loop is strictly shorter.
     assert yardstick["loop_instructions"] < plain["loop_instructions"] < padded["loop_instructions"]
     assert plain["loop_instructions"] < dropout["loop_instructions"]
     assert "attention_fwd" in result.stdout and "wgmma" in result.stdout
@@ -131,21 +137,3 @@ def test_configs_include_the_varlen_kernels_and_leave_the_padded_ones_padded(mon
         assert job["kwargs"]["DROPOUT"] == job["dropout"]
     padded = [job for job in jobs if job["kernel"] not in VARLEN_KERNELS]
     assert len(padded) == 15 and all(job["kwargs"].get("VARLEN", False) is False for job in padded)
-
-
-def test_report_compiles_the_d64_fp16_varlen_attention_forward_for_sm90a(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--arch", "sm_90a", "--dtype", "fp16", "--head-dim",
-         "64", "--hidden", "768", "--kernel", "attention_fwd_varlen", "--no-progress"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads((tmp_path / "kernel-report.json").read_text())["rows"]
-    assert [(r["kernel"], r["dropout"], r["variant"]) for r in rows] == [
-        ("attention_fwd_varlen", False, "varlen"), ("attention_fwd_varlen", True, "varlen")]
-    for row in rows:
-        assert set(kr.FIELDS) <= set(row)
-        assert 0 < row["regs"] <= 255 and row["tensor_core_op"] == "wgmma"
-        assert row["loop"].startswith("innermost") and row["loop_instructions"] > 0
-    assert rows[0]["loop_instructions"] < rows[1]["loop_instructions"]  # dropout's Philox is in the loop
-    assert "attention_fwd_varlen" in result.stdout
