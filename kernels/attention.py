@@ -61,8 +61,8 @@ import triton.language as tl
 
 from ._common import dot_flags, interpreting, require_tf32, target_programs
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)  # scores run in base 2: exp(x) = exp2(x·log2(e))
+LN2 = tl.constexpr(0.6931471805599453)  # and back: LSE = ln 2 · log2-sum-exp2
 
 
 @triton.jit
@@ -155,7 +155,7 @@ def _dense_bias_kernel(TABLE, BIAS, stg, stl, stc, L, C, BLOCK_M: tl.constexpr, 
     in_range = (offs_m[:, None] < L) & (offs_n[None, :] < L)
     inside = (col >= 0) & (col < C) & in_range
     t = tl.load(TABLE + g * stg + offs_m[:, None] * stl + col * stc, mask=inside, other=0.0).to(tl.float32)
-    tl.store(BIAS + g * L * L + offs_m[:, None] * L + offs_n[None, :], t * 1.4426950408889634, mask=in_range)
+    tl.store(BIAS + g * L * L + offs_m[:, None] * L + offs_n[None, :], t * LOG2E, mask=in_range)
 
 
 @triton.jit
@@ -200,7 +200,7 @@ def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_m, offs_n_base, offs_d,
         else:
             s += tl.load(bias_rows + offs_n[None, :], mask=(offs_m[:, None] < L) & n_ok[None, :], other=0.0)
     if HAS_KEY_BIAS:
-        s += tl.load(key_bias_row + offs_n, mask=n_ok, other=0.0)[None, :] * 1.4426950408889634
+        s += tl.load(key_bias_row + offs_n, mask=n_ok, other=0.0)[None, :] * LOG2E
     if not EVEN:
         s = tl.where(n_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -260,7 +260,7 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     o_ptrs = _slab(O, b, h, first, sob, soh, sol, VARLEN) + offs_m[:, None] * sol + offs_d[None, :] * sod
-    lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
     lse_row = _row_stats(LSE, pid_bh, h, first, L, N_TOKENS, VARLEN)
     if EVEN:
         tl.store(o_ptrs, out.to(O.dtype.element_ty))
@@ -291,7 +291,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, n0, offs_m, offs_n_base, of
             else:
                 s += tl.load(bias_rows + offs_n[None, :], mask=tile_ok, other=0.0)
     if HAS_KEY_BIAS:
-        s += tl.load(key_bias_row + offs_n, mask=n_ok, other=0.0)[None, :] * 1.4426950408889634
+        s += tl.load(key_bias_row + offs_n, mask=n_ok, other=0.0)[None, :] * LOG2E
     p = tl.exp2(s - lse2[:, None])  # keys past L: k = 0 and s = 0, but their dS is never used (k = 0, not stored)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     if DROPOUT:
@@ -354,7 +354,7 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, DS_SUM, BIAS, INDEX, KEY_BIAS
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         tl.store(_row_stats(DELTA, pid_bh, h, first, L, N_TOKENS, VARLEN) + offs_m, delta, mask=row_ok)
         lse2 = tl.load(_row_stats(LSE, pid_bh, h, first, L, N_TOKENS, VARLEN) + offs_m, mask=row_ok,
-                       other=float("inf")) * 1.4426950408889634
+                       other=float("inf")) * LOG2E
         k_base = _slab(K, b, h, first, skb, skh, skl, VARLEN)
         v_base = _slab(V, b, h, first, svb, svh, svl, VARLEN)
         mask_rows = MASK + pid_bh.to(tl.int64) * LB * W + offs_m[:, None] * W
@@ -365,7 +365,7 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, DS_SUM, BIAS, INDEX, KEY_BIAS
                           svd, hh == 0, (n0 >= band_first) & (n0 < band_hi), HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT, EVEN,
                           UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
         dq_ptrs = _slab(DQ, b, h, first, sgb, sgh, sgl, VARLEN) + offs_m[:, None] * sgl + offs_d[None, :] * sgd
-        dq = (dq * (qk_scale * 0.6931471805599453)).to(DQ.dtype.element_ty)  # scale = qk_scale · ln 2
+        dq = (dq * (qk_scale * LN2)).to(DQ.dtype.element_ty)  # scale = qk_scale · ln 2
         if EVEN:
             tl.store(dq_ptrs, dq)
         else:
@@ -385,10 +385,10 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, offs_n, offs_d, d
     q = _load_tile(q_base, offs_m, offs_d, sql, sqd, tile_md, EVEN, UPCAST)
     do = _load_tile(do_base, offs_m, offs_d, sdol, sdod, tile_md, EVEN, UPCAST)
     if EVEN:
-        lse2 = tl.load(LSE_ROW + offs_m) * 1.4426950408889634
+        lse2 = tl.load(LSE_ROW + offs_m) * LOG2E
         delta = tl.load(DELTA_ROW + offs_m)
     else:
-        lse2 = tl.load(LSE_ROW + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        lse2 = tl.load(LSE_ROW + offs_m, mask=row_ok, other=float("inf")) * LOG2E
         delta = tl.load(DELTA_ROW + offs_m, mask=row_ok, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if WITH_BIAS:
@@ -441,7 +441,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, INDEX, KEY_BIAS, MAS
     bias_cols = BIAS + tl.load(INDEX + b).to(tl.int64) * LB * LB + offs_n[None, :]
     key_bias = tl.zeros([BLOCK_N], tl.float32)
     if HAS_KEY_BIAS:
-        key_bias = tl.load(KEY_BIAS + b.to(tl.int64) * skbb + offs_n, mask=n_ok, other=0.0) * 1.4426950408889634
+        key_bias = tl.load(KEY_BIAS + b.to(tl.int64) * skbb + offs_n, mask=n_ok, other=0.0) * LOG2E
     q_base = _slab(Q, b, h, first, sqb, sqh, sql, VARLEN)
     do_base = _slab(DO, b, h, first, sdob, sdoh, sdol, VARLEN)
     LSE_ROW = _row_stats(LSE, pid_bh, h, first, L, N_TOKENS, VARLEN)
@@ -462,7 +462,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, INDEX, KEY_BIAS, MAS
         dv = dv * dropout_scale
     # DK and DV are contiguous and alike: one set of strides (sg*) serves both.
     grad_offs = offs_n[:, None] * sgl + offs_d[None, :] * sgd
-    dk = (dk * (qk_scale * 0.6931471805599453)).to(DK.dtype.element_ty)
+    dk = (dk * (qk_scale * LN2)).to(DK.dtype.element_ty)
     if EVEN:
         tl.store(_slab(DK, b, h, first, sgb, sgh, sgl, VARLEN) + grad_offs, dk)
         tl.store(_slab(DV, b, h, first, sgb, sgh, sgl, VARLEN) + grad_offs, dv.to(DV.dtype.element_ty))
@@ -600,7 +600,7 @@ def _forward(q, k, v, table, index, key_bias, scale, dropout_p, seed, cu_seqlens
         q, k, v, out, lse, bias, index, key_bias if has_kb else lse, mask if dropout else lse,
         cu_seqlens if varlen else lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), key_bias.stride(0) if has_kb else 0,
-        H, L, L, table.shape[2], D, triton.cdiv(L, word), N_TOKENS, scale * LOG2E, dropout_p,
+        H, L, L, table.shape[2], D, triton.cdiv(L, word), N_TOKENS, scale * LOG2E.value, dropout_p,
         HAS_KEY_BIAS=has_kb, DROPOUT=dropout, EVEN=not varlen and _even(L, D, cfg), WORD=word, VARLEN=varlen,
         num_warps=FORWARD_WARPS, **cfg,
     )
@@ -633,7 +633,7 @@ def _backward(dout, q, k, v, out, lse, bias, mask, table, index, key_bias, scale
     kb = key_bias if has_kb else lse
     bits = mask if dropout else lse
     cu = cu_seqlens if varlen else lse
-    common = (H, L, L, C, D, triton.cdiv(L, word), N_TOKENS, scale * LOG2E, dropout_p)
+    common = (H, L, L, C, D, triton.cdiv(L, word), N_TOKENS, scale * LOG2E.value, dropout_p)
     flags = dict(HAS_KEY_BIAS=has_kb, DROPOUT=dropout, EVEN=not varlen and _even(L, D, cfg), WORD=word,
                  VARLEN=varlen, num_warps=BACKWARD_WARPS, **cfg)
     kb_stride = key_bias.stride(0) if has_kb else 0
