@@ -59,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_flags, interpreting, require_tf32, target_programs
+from ._common import dot_flags, gpu_capability, interpreting, require_tf32, target_programs
 
 LOG2E = tl.constexpr(1.4426950408889634)  # scores run in base 2: exp(x) = exp2(x·log2(e))
 LN2 = tl.constexpr(0.6931471805599453)  # and back: LSE = ln 2 · log2-sum-exp2
@@ -211,8 +211,8 @@ def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_m, offs_n_base, offs_d,
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if DROPOUT:
-        p = tl.where(_keep_bits(mask_rows, offs_m, n0, L, BLOCK_M, BLOCK_N, WORD) != 0, p, 0.0)
+    if DROPOUT:  # a multiply by 1 / 0: LLVM narrows a select on p to bf16 halves, which costs more (PRMT)
+        p = p * tl.where(_keep_bits(mask_rows, offs_m, n0, L, BLOCK_M, BLOCK_N, WORD) != 0, 1.0, 0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
 
@@ -272,11 +272,12 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
 
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, n0, offs_m, offs_n_base, offs_d, d_ok, L, qk_scale, bias_rows,
-             key_bias_row, mask_rows, ds_rows, dropout_scale, skl, skd, svl, svd, first_head, on_band,
+             key_bias_row, mask_rows, ds_rows, skl, skd, svl, svd, first_head, on_band,
              WITH_BIAS: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EVEN: tl.constexpr,
              UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              WORD: tl.constexpr):
-    """One key tile of dQ; on a band tile, dS is added to the head sum DS_SUM."""
+    """One key tile of dQ; on a band tile, dS is added to the head sum DS_SUM. With dropout, dQ and dS come out
+    divided by the dropout scale 1 / (1 - p) (delta is Δ·(1 - p)): the callers multiply it back once."""
     offs_n = n0 + offs_n_base
     n_ok = offs_n < L
     tile_nd = n_ok[:, None] & d_ok[None, :]
@@ -294,8 +295,8 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, n0, offs_m, offs_n_base, of
         s += tl.load(key_bias_row + offs_n, mask=n_ok, other=0.0)[None, :] * LOG2E
     p = tl.exp2(s - lse2[:, None])  # keys past L: k = 0 and s = 0, but their dS is never used (k = 0, not stored)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    if DROPOUT:
-        dp = tl.where(_keep_bits(mask_rows, offs_m, n0, L, BLOCK_M, BLOCK_N, WORD) != 0, dp * dropout_scale, 0.0)
+    if DROPOUT:  # dS / (1 - p)^-1 = P ∘ (dP ∘ Z - Δ (1 - p)): the scale is applied once, to dQ and in dtable
+        dp = tl.where(_keep_bits(mask_rows, offs_m, n0, L, BLOCK_M, BLOCK_N, WORD) != 0, dp, 0.0)
     ds = p * (dp - delta[:, None])
     if not EVEN:
         ds = tl.where(tile_ok, ds, 0.0)
@@ -353,6 +354,8 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, DS_SUM, BIAS, INDEX, KEY_BIAS
         o = _load_tile(_slab(O, b, h, first, sob, soh, sol, VARLEN), offs_m, offs_d, sol, sod, tile_md, EVEN, UPCAST)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         tl.store(_row_stats(DELTA, pid_bh, h, first, L, N_TOKENS, VARLEN) + offs_m, delta, mask=row_ok)
+        if DROPOUT:
+            delta = delta * (1.0 - dropout_p)
         lse2 = tl.load(_row_stats(LSE, pid_bh, h, first, L, N_TOKENS, VARLEN) + offs_m, mask=row_ok,
                        other=float("inf")) * LOG2E
         k_base = _slab(K, b, h, first, skb, skh, skl, VARLEN)
@@ -361,11 +364,11 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, DS_SUM, BIAS, INDEX, KEY_BIAS
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for n0 in range(0, L, BLOCK_N):  # one loop, the band decided per tile: three loops spill here
             dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, n0, offs_m, offs_n_base, offs_d, d_ok, L,
-                          qk_scale, bias_rows, key_bias_row, mask_rows, ds_rows, dropout_scale, skl, skd, svl,
+                          qk_scale, bias_rows, key_bias_row, mask_rows, ds_rows, skl, skd, svl,
                           svd, hh == 0, (n0 >= band_first) & (n0 < band_hi), HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT, EVEN,
                           UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
         dq_ptrs = _slab(DQ, b, h, first, sgb, sgh, sgl, VARLEN) + offs_m[:, None] * sgl + offs_d[None, :] * sgd
-        dq = (dq * (qk_scale * LN2)).to(DQ.dtype.element_ty)  # scale = qk_scale · ln 2
+        dq = (dq * (qk_scale * LN2 * dropout_scale)).to(DQ.dtype.element_ty)  # scale = qk_scale · ln 2
         if EVEN:
             tl.store(dq_ptrs, dq)
         else:
@@ -374,7 +377,7 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, DS_SUM, BIAS, INDEX, KEY_BIAS
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, offs_n, offs_d, d_ok, L, LB, qk_scale, bias_cols,
-               key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_scale, sql, sqd, sdol, sdod, W,
+               key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p, sql, sqd, sdol, sdod, W,
                WITH_BIAS: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EVEN: tl.constexpr,
                UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                WORD: tl.constexpr):
@@ -400,11 +403,12 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, offs_n, offs_d, d
         s += key_bias[None, :]
     p = tl.exp2(s - lse2[:, None])  # rows past L: lse = +inf, p = 0
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    if DROPOUT:  # dv is scaled once, after the loop; dp's scale rides on the subtraction's FMA
+    if DROPOUT:  # dV and dK are scaled by 1 / (1 - p) once, after the loop (delta is Δ·(1 - p))
         keep = _keep_bits(mask_base + offs_m[:, None] * W, offs_m, tl.program_id(0) * BLOCK_N, L, BLOCK_M, BLOCK_N,
                           WORD) != 0
-        dv += tl.dot(tl.trans(tl.where(keep, p, 0.0).to(do.dtype)), do, input_precision=PRECISION)
-        ds = p * (tl.where(keep, dp, 0.0) * dropout_scale - delta[:, None])
+        p_kept = tl.where(keep, p, 0.0)  # used in fp32 below too, so the select stays fp32 (no bf16 halves)
+        dv += tl.dot(tl.trans(p_kept.to(do.dtype)), do, input_precision=PRECISION)
+        ds = p_kept * dp - p * (delta * (1.0 - dropout_p))[:, None]
     else:
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -455,14 +459,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, INDEX, KEY_BIAS, MAS
         lo, hi = _phase(phase, band_first, band_hi, after, L)
         for m0 in range(lo, hi, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, offs_n, offs_d, d_ok, L, LB, qk_scale,
-                                bias_cols, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_scale, sql, sqd, sdol,
+                                bias_cols, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p, sql, sqd, sdol,
                                 sdod, W, phase == 1, HAS_KEY_BIAS, DROPOUT, EVEN, UPCAST, PRECISION, BLOCK_M, BLOCK_N,
                                 WORD)
-    if DROPOUT:
-        dv = dv * dropout_scale
+    dv = dv * dropout_scale  # 1 without dropout
     # DK and DV are contiguous and alike: one set of strides (sg*) serves both.
     grad_offs = offs_n[:, None] * sgl + offs_d[None, :] * sgd
-    dk = (dk * (qk_scale * LN2)).to(DK.dtype.element_ty)
+    dk = (dk * (qk_scale * LN2 * dropout_scale)).to(DK.dtype.element_ty)
     if EVEN:
         tl.store(_slab(DK, b, h, first, sgb, sgh, sgl, VARLEN) + grad_offs, dk)
         tl.store(_slab(DV, b, h, first, sgb, sgh, sgl, VARLEN) + grad_offs, dv.to(DV.dtype.element_ty))
@@ -472,11 +475,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, INDEX, KEY_BIAS, MAS
 
 
 @triton.jit
-def _bwd_dtable_kernel(DS_SUM, INDEX, DTABLE, CU_SEQLENS, B, GROUPS, L, LB, C, L_MAX, stg, stl, stc,
+def _bwd_dtable_kernel(DS_SUM, INDEX, DTABLE, CU_SEQLENS, B, GROUPS, L, LB, C, L_MAX, stg, stl, stc, dropout_p,
                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, VARLEN: tl.constexpr = False):
     """DTABLE[g, i, col] = Σ_{b: index[b] = g} Σ_groups DS_SUM[b, ·, i, c·(i // c) + col], in float64, in the
     order b = 0, 1, ... (deterministic); rows L .. L_max get 0 (no gradient reached them). DS_SUM is
-    [B, GROUPS, LB, LB]; varlen, b is a sequence and only its Ls×Ls corner counts."""
+    [B, GROUPS, LB, LB]; varlen, b is a sequence and only its Ls×Ls corner counts. With dropout, DS_SUM holds
+    dS·(1 - p) (see _dq_tile): the sum is scaled back by 1 / (1 - p)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     g = tl.program_id(1)
     offs_c = tl.arange(0, BLOCK_C)
@@ -490,34 +494,56 @@ def _bwd_dtable_kernel(DS_SUM, INDEX, DTABLE, CU_SEQLENS, B, GROUPS, L, LB, C, L
             for group in range(0, GROUPS):
                 total += tl.load(example + group * LB * LB, mask=inside, other=0.0).to(tl.float64)
         example += GROUPS * LB * LB
+    total = total * (1.0 / (1.0 - dropout_p))  # 1 without dropout
     tl.store(DTABLE + g.to(tl.int64) * stg + offs_m[:, None] * stl + offs_c[None, :] * stc,
              total.to(tl.float32).to(DTABLE.dtype.element_ty), mask=(offs_m[:, None] < L_MAX) & (offs_c[None, :] < C))
 
 
-def _config(q: torch.Tensor):
-    """Block sizes, warps and dot flags for q's dtype and head dim."""
-    return _config_for(q.shape[-1], q.dtype)
+# (BLOCK_M query tile, BLOCK_N key tile, num_warps) per pass, by GPU family and head dim (BLOCK_D up to the key).
+# Key tiles are multiples of the dropout word (32 bits).
+# Each is the largest tile that compiles with 0 spill bytes and the arch's tensor-core op (wgmma on sm_90, mma.sync
+# on sm_80), dropout and key padding on or off: `make kernel-report` shows it. Where a [64, d] tile spills, the
+# pass takes a 32-wide tile on its inner loop (the key tile in dQ, the query tile in dK/dV): wgmma needs the
+# program's own tile to be 64 rows.
+_HOPPER_TILES = {
+    64: dict(fwd=(64, 64, 4), dq=(64, 64, 8), dkdv=(64, 64, 8)),
+    128: dict(fwd=(64, 64, 8), dq=(64, 32, 8), dkdv=(32, 64, 8)),
+    256: dict(fwd=(64, 32, 8), dq=(64, 32, 8), dkdv=(16, 64, 8)),
+}
+_AMPERE_TILES = {  # sm_80, sm_86, sm_89, and GPUs this table does not know (the smaller tiles are the safe side)
+    64: dict(fwd=(64, 64, 4), dq=(64, 32, 8), dkdv=(64, 32, 8)),
+    128: dict(fwd=(64, 64, 4), dq=(64, 64, 8), dkdv=(64, 64, 8)),
+    256: dict(fwd=(64, 32, 8), dq=(64, 32, 8), dkdv=(16, 64, 8)),
+}
+PASSES = ("fwd", "dq", "dkdv")
 
 
-def _config_for(d: int, dtype: torch.dtype):
+def _configs(q: torch.Tensor):
+    """{pass: launch configuration} for q's dtype, head dim and device; see _configs_for."""
+    return _configs_for(q.shape[-1], q.dtype, gpu_capability(q.device))
+
+
+def _configs_for(d: int, dtype: torch.dtype, capability=None):
+    """{"fwd" | "dq" | "dkdv": dict(BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION, num_warps)}.
+
+    capability is the GPU's (major, minor), or None under the interpreter, where every tile is 16x16 (the
+    interpreter is slow: small tiles keep test shapes cheap).
+    """
     block_d = max(16, triton.next_power_of_2(d))
-    if interpreting():
-        block = 16  # the interpreter is slow: small tiles keep test shapes cheap
-    else:
-        block = 64  # 64x64 tiles at every head dim: wgmma on sm_90a, no spills (make kernel-report)
     upcast, precision = dot_flags(dtype)
-    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, UPCAST=upcast, PRECISION=precision)
+    if capability is None or interpreting():
+        tiles = {name: (16, 16, 4) for name in PASSES}
+    else:
+        table = _HOPPER_TILES if capability[0] == 9 else _AMPERE_TILES
+        tiles = table[max(64, block_d)]
+    return {name: dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=block_d, UPCAST=upcast, PRECISION=precision, num_warps=w)
+            for name, (m, n, w) in tiles.items()}
 
 
-# Warps per pass: the backward kernels hold two [64, d] accumulators and q, dO (or k, v) tiles: with 4 warps
-# they spill (make kernel-report), with 8 they do not.
-FORWARD_WARPS = 4
-BACKWARD_WARPS = 8
-
-
-def _word(cfg) -> int:
-    """Bits per dropout mask word: 32, or the key tile when it is smaller (a tile reads whole words)."""
-    return min(32, cfg["BLOCK_N"])
+def _word() -> int:
+    """Bits per dropout mask word: 32, or 16 under the interpreter, whose key tiles are 16 wide (a tile reads whole
+    words). The same on every GPU, so the mask's shape depends only on (B·H, L)."""
+    return 16 if interpreting() else 32
 
 
 def _strides(t: torch.Tensor):
@@ -528,6 +554,7 @@ def _strides(t: torch.Tensor):
 
 
 def _even(L: int, D: int, cfg) -> bool:
+    """No tile of this pass needs a bounds mask."""
     return L % cfg["BLOCK_M"] == 0 and L % cfg["BLOCK_N"] == 0 and D == cfg["BLOCK_D"]
 
 
@@ -547,7 +574,7 @@ def dropout_mask_shape(programs: int, L: int, d: int, dtype: torch.dtype, dropou
     dropout or with nothing to drop."""
     if dropout_p == 0.0 or programs * L * d == 0:
         return (0,)
-    return (programs, L, triton.cdiv(L, _word(_config_for(d, dtype))))
+    return (programs, L, triton.cdiv(L, _word()))
 
 
 def _dropout_mask(programs, H, L, dropout_p, seed, word, device, cu_seqlens=None) -> torch.Tensor:
@@ -584,8 +611,8 @@ def _forward(q, k, v, table, index, key_bias, scale, dropout_p, seed, cu_seqlens
         B, H, L, D = q.shape
         N_TOKENS = 0
         lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
-    cfg = _config(q)
-    word = _word(cfg)
+    cfg = _configs(q)["fwd"]
+    word = _word()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     bias = dense_bias(table, L)
     dropout = dropout_p > 0.0
@@ -602,7 +629,7 @@ def _forward(q, k, v, table, index, key_bias, scale, dropout_p, seed, cu_seqlens
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), key_bias.stride(0) if has_kb else 0,
         H, L, L, table.shape[2], D, triton.cdiv(L, word), N_TOKENS, scale * LOG2E.value, dropout_p,
         HAS_KEY_BIAS=has_kb, DROPOUT=dropout, EVEN=not varlen and _even(L, D, cfg), WORD=word, VARLEN=varlen,
-        num_warps=FORWARD_WARPS, **cfg,
+        **cfg,
     )
     return out, lse, bias, mask
 
@@ -619,12 +646,12 @@ def _backward(dout, q, k, v, out, lse, bias, mask, table, index, key_bias, scale
         B, H, L, D = q.shape
         N_TOKENS = 0
     G, L_max, C = table.shape
-    cfg = _config(q)
-    word = _word(cfg)
+    cfg = _configs(q)
+    word = _word()
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))  # contiguous
     if dq.numel() == 0:
         return dq, dk, dv, torch.zeros_like(table)
-    hpp = heads_per_program(B, H, L, cfg["BLOCK_M"], q.device)
+    hpp = heads_per_program(B, H, L, cfg["dq"]["BLOCK_M"], q.device)
     groups = H // hpp
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)  # written by the dq kernel
     ds_sum = torch.empty((B, groups, L, L), dtype=torch.float32, device=q.device)  # only band tiles are written
@@ -634,22 +661,21 @@ def _backward(dout, q, k, v, out, lse, bias, mask, table, index, key_bias, scale
     bits = mask if dropout else lse
     cu = cu_seqlens if varlen else lse
     common = (H, L, L, C, D, triton.cdiv(L, word), N_TOKENS, scale * LOG2E.value, dropout_p)
-    flags = dict(HAS_KEY_BIAS=has_kb, DROPOUT=dropout, EVEN=not varlen and _even(L, D, cfg), WORD=word,
-                 VARLEN=varlen, num_warps=BACKWARD_WARPS, **cfg)
+    flags = dict(HAS_KEY_BIAS=has_kb, DROPOUT=dropout, WORD=word, VARLEN=varlen)
     kb_stride = key_bias.stride(0) if has_kb else 0
     # The dq kernel runs first: it writes delta, which the dkdv kernel reads (same stream, so ordered).
-    _bwd_dq_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), B, groups)](
+    _bwd_dq_kernel[(triton.cdiv(L, cfg["dq"]["BLOCK_M"]), B, groups)](
         q, k, v, dout, out, lse, delta, dq, ds_sum, bias, index, kb, bits, cu,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(out), *_strides(dq), kb_stride,
-        *common, HEADS_PER_PROGRAM=hpp, **flags)
-    _bwd_dkdv_kernel[(triton.cdiv(L, cfg["BLOCK_N"]), B * H)](
+        *common, HEADS_PER_PROGRAM=hpp, EVEN=not varlen and _even(L, D, cfg["dq"]), **flags, **cfg["dq"])
+    _bwd_dkdv_kernel[(triton.cdiv(L, cfg["dkdv"]["BLOCK_N"]), B * H)](
         q, k, v, dout, lse, delta, dk, dv, bias, index, kb, bits, cu,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), kb_stride,
-        *common, **flags)
+        *common, EVEN=not varlen and _even(L, D, cfg["dkdv"]), **flags, **cfg["dkdv"])
     dtable = torch.empty_like(table)
     block_m = 16 if interpreting() else 32
     _bwd_dtable_kernel[(triton.cdiv(L_max, block_m), G)](
-        ds_sum, index, dtable, cu, B, groups, L, L, C, L_max, *dtable.stride(),
+        ds_sum, index, dtable, cu, B, groups, L, L, C, L_max, *dtable.stride(), dropout_p,
         BLOCK_M=block_m, BLOCK_C=triton.next_power_of_2(C), VARLEN=varlen)
     return dq, dk, dv, dtable
 

@@ -15,7 +15,9 @@ $KERNEL_REPORT_OUT or .benchmarks/kernel-report/) and a table on stdout.
 How configurations are found: the kernel files' own launch functions
 (attention_forward, layer_norm_backward, ...) are called on meta tensors with
 each Triton kernel swapped for a recorder, so the report compiles exactly the
-arguments, block sizes and flags that a launch would pass, and follows the
+arguments, block sizes and flags that a launch would pass (inside
+simulated_gpu: an H100 SXM for sm_90a, an A100 for sm_80, so each arch gets
+the tiles, warps and grids chosen for it), and follows the
 kernel files when they change. The recorded launch goes through Triton's own
 JIT argument specialization (pointer and stride divisibility, strides of 1)
 and triton.compile for a GPUTarget: no GPU, no TRITON_INTERPRET.
@@ -51,6 +53,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 ARCHS = {"sm_90a": 90, "sm_80": 80}
+# The GPU each arch's launches are recorded for: (compute capability, SM count) of an H100 SXM and an A100.
+SIMULATED_GPUS = {"sm_90a": ((9, 0), 132), "sm_80": ((8, 0), 108)}
 DTYPES = ("fp16", "bf16")
 HEAD_DIMS = (32, 64, 128)
 HIDDEN_SIZES = (768, 1024)
@@ -170,21 +174,22 @@ def collect_configs(archs=tuple(ARCHS), dtypes=DTYPES, head_dims=HEAD_DIMS, hidd
     from camtl.kernels import attention as attention_k
     from camtl.kernels import film as film_k
     from camtl.kernels import layer_norm as layer_norm_k
+    from camtl.kernels._common import simulated_gpu
 
     meta = torch.device("meta")
     jobs: List[dict] = []
 
     def add(module, attr_names, call, **fields):
-        launches: list = []
-        with _recording(module, attr_names, launches):
-            call()
-        for name, attr, args, kwargs in launches:
-            kwargs = dict(kwargs)
-            if fields.get("yardstick"):
-                if "HAS_BLOCK_BIAS" not in _arg_names(getattr(module, attr)):
-                    continue  # a helper kernel (bias expansion, dropout mask, dtable): no plain-attention twin
-                kwargs["HAS_BLOCK_BIAS"] = False
-            for arch in archs:
+        for arch in archs:  # each arch's own launches: tiles, warps and grids are chosen per GPU
+            launches: list = []
+            with _recording(module, attr_names, launches), simulated_gpu(*SIMULATED_GPUS[arch]):
+                call()
+            for name, attr, args, kwargs in launches:
+                kwargs = dict(kwargs)
+                if fields.get("yardstick"):
+                    if "HAS_BLOCK_BIAS" not in _arg_names(getattr(module, attr)):
+                        continue  # a helper kernel (bias expansion, dropout mask, dtable): no plain-attention twin
+                    kwargs["HAS_BLOCK_BIAS"] = False
                 jobs.append(dict(kernel=name, module=module.__name__, attr=attr, arch=arch,
                                  args=[_arg_spec(a) for a in args], kwargs=kwargs, **fields))
 

@@ -137,3 +137,20 @@ def test_configs_include_the_varlen_kernels_and_leave_the_padded_ones_padded(mon
         assert job["kwargs"]["DROPOUT"] == job["dropout"]
     padded = [job for job in jobs if job["kernel"] not in VARLEN_KERNELS]
     assert len(padded) == 15 and all(job["kwargs"].get("VARLEN", False) is False for job in padded)
+
+
+def test_each_arch_records_the_tiles_chosen_for_it(monkeypatch):
+    """Launches are recorded per arch (inside simulated_gpu): a head dim whose tiles differ between sm_90 and sm_80
+    is compiled with each arch's own tiles and warps."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    jobs = kr.collect_configs(("sm_90a", "sm_80"), ("bf16",), (64, 128), (768,),
+                              kernels=["attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv"])
+    tiles = {(job["kernel"], job["arch"], job["head_dim"]): (job["kwargs"]["BLOCK_M"], job["kwargs"]["BLOCK_N"],
+                                                             job["kwargs"]["num_warps"])
+             for job in jobs if not job["dropout"] and not job["key_padding"] and not job["yardstick"]}
+    assert tiles[("attention_bwd_dq", "sm_90a", 64)] == (64, 64, 8)
+    assert tiles[("attention_bwd_dq", "sm_80", 64)] == (64, 32, 8)
+    assert tiles[("attention_bwd_dkdv", "sm_90a", 128)] == (32, 64, 8)
+    assert tiles[("attention_bwd_dkdv", "sm_80", 128)] == (64, 64, 8)
+    assert tiles[("attention_fwd", "sm_90a", 128)] == (64, 64, 8)
+    assert tiles[("attention_fwd", "sm_80", 128)] == (64, 64, 4)

@@ -13,7 +13,7 @@ import torch
 import camtl
 from camtl import ops
 import camtl.kernels.attention as attention_kernels
-from camtl.kernels.attention import _config
+from camtl.kernels.attention import _configs
 from camtl.ops.attention import _attention_fwd, draw_dropout_seed, key_bias_from_mask
 from conftest import assert_close, bert_config, graph_has, assert_independent_of_program_order
 
@@ -75,7 +75,7 @@ def band_edge_shape(kind, block):
 @pytest.mark.parametrize("kind", ["hi first", "hi later", "hi cropped", "lo"])
 def test_key_tiles_starting_or_ending_on_a_band_edge(kind, device):
     """The tile-skipping test (does this key tile meet a diagonal block?) at its boundary, both ways."""
-    block = _config(torch.empty(1, 1, 1, 16))["BLOCK_N"]
+    block = _configs(torch.empty(1, 1, 1, 16))["fwd"]["BLOCK_N"]
     L, c = band_edge_shape(kind, block)
     tensors, index = make(2, 1, L, 16, 2, L, c, torch.float32, device)
     compare_backends(tensors, index, torch.float32)
@@ -358,3 +358,23 @@ def test_int64_offsets_past_2_31_elements(device):
                                                                     table, index, None, scale, 0.1)
     for name, g, w in zip(("out", "lse", "dq", "dk", "dv", "dtable"), got, want):
         assert torch.equal(g, w), f"{name} differs when the inputs sit past element 2^31"
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)])
+@pytest.mark.parametrize("d", [8, 32, 64, 100, 128, 256])
+def test_gpu_tiles_fit_the_head_dim_and_the_dropout_words(capability, d, monkeypatch):
+    """Every pass's tiles on every GPU family: BLOCK_D covers d, key tiles read whole 32-bit dropout words, and on
+    sm_90 each program's own tile is 64 rows (a wgmma warpgroup's M)."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    configs = attention_kernels._configs_for(d, torch.bfloat16, capability)
+    assert set(configs) == {"fwd", "dq", "dkdv"}
+    word = attention_kernels._word()
+    assert word == 32
+    for name, cfg in configs.items():
+        assert d <= cfg["BLOCK_D"] <= max(16, 2 * d), (name, cfg)
+        assert cfg["BLOCK_N"] % word == 0 and cfg["BLOCK_M"] >= 16 and cfg["num_warps"] in (4, 8), (name, cfg)
+    if capability[0] == 9:
+        assert configs["fwd"]["BLOCK_M"] == configs["dq"]["BLOCK_M"] == configs["dkdv"]["BLOCK_N"] == 64
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert all(cfg["BLOCK_M"] == cfg["BLOCK_N"] == 16 for cfg in attention_kernels._configs_for(d, torch.float32,
+                                                                                               capability).values())

@@ -12,7 +12,7 @@ import torch
 import camtl
 from camtl import ops
 import camtl.kernels.attention as attention_kernels
-from camtl.kernels.attention import _config
+from camtl.kernels.attention import _configs
 from camtl.ops.attention import _attention_varlen_fwd, draw_dropout_seed
 from conftest import assert_close, graph_has, poisoned_empty, assert_independent_of_program_order
 from test_kernels_attention import far_apart, philox_keep
@@ -70,7 +70,7 @@ def test_varlen_kernel_matches_the_reference(d, dtype, device):
 
 def test_varlen_blocks_wider_than_a_tile_and_than_the_sequences(device):
     """c = 40 > the 16-wide key tiles and > every sequence: each block's columns past the last key tile stay 0."""
-    block = _config(torch.empty(1, 1, 16))["BLOCK_N"]
+    block = _configs(torch.empty(1, 1, 16))["fwd"]["BLOCK_N"]
     lengths = [block + 9, 3, 2 * block + 1]
     tensors, index, cu = packed(lengths, 16, 40, 40, device, tasks=[1, 1, 0], groups=2)
     compare_backends(tensors, index, cu, torch.float32)
