@@ -21,20 +21,19 @@ before the row's model was built, reset per row: weights, gradients, AdamW state
 issue's targets are printed: camtl step >= 5x faster than published, <= 1.25x the HF step, peak memory
 <= 1.15x the HF peak.
 
-CPU: fp32, fwd+bwd only (the issue's CPU target: camtl torch backend >= 1.15x faster than published;
-no AdamW, which would be the same for every row and is not part of the target). BERT-base width (hidden
-768, 12 heads, intermediate 3072, vocab 30522, L=128) but 4 layers (2 plain, 1 with conditional layer
-norms, the adapter top layer: the base layout's mix) and B=8 (one example per task), so that the whole
-bench takes about a minute and a half on 2 idle cores; ``--quick`` shrinks it to 2 layers of hidden 384,
-L=64, B=8, one round. The published loops are timed: the whole ``PublishedCaMtlEncoder`` forward and
-backward. A CPU step takes seconds and this machine's timings jitter by +-15%: after a warm-up round, each
-row is timed for one step in each of 7 interleaved rounds, and the median is reported (it decides the
-target), with the best and the spread (max - min) / median. On the CPU auto resolves to the torch
-backend, so the two camtl rows run the same code: their difference measures the noise, and a target
-whose ratio lies within it is reported as not resolved rather than met or missed. The table ends with
-how many CPUs other processes kept busy around the bench: on a shared machine the torch threads stall at
-every op's barrier, which inflates op-heavy rows (the published one most) by several times;
-``--threads 1`` is the fair comparison there.
+CPU: fp32, fwd+bwd only (no AdamW, which would be the same for every row; issue 5's CPU target, 1.15x the
+published algorithm, is retired: benchmarks/test_model.py judges the conditioning overhead instead). BERT-base
+width (hidden 768, 12 heads, intermediate 3072, vocab 30522, L=128) but 4 layers (2 plain, 1 with conditional
+layer norms, the adapter top layer: the base layout's mix) and B=8 (one example per task), so that the whole
+bench takes about a minute and a half on 2 idle cores; ``--quick`` shrinks it to 2 layers of hidden 384, L=64,
+B=8, one round. The published loops are timed: the whole ``PublishedCaMtlEncoder`` forward and backward. A CPU
+step takes seconds and this machine's timings jitter by +-15%: after a warm-up round, each row is timed for
+one step in each of 7 interleaved rounds, and the median is reported (it decides the target), with the best
+and the spread (max - min) / median. On the CPU auto resolves to the torch backend, so the two camtl rows run
+the same code: their difference measures the noise, and a target whose ratio lies within it is reported as not
+resolved rather than met or missed. The table ends with how many CPUs other processes kept busy around the
+bench: on a shared machine the torch threads stall at every op's barrier, which inflates op-heavy rows (the
+published one most) by several times; ``--threads 1`` is the fair comparison there.
 
 ``--cpu-smoke`` runs the GPU code path on the CPU at a tiny shape (the Triton interpreter for the best
 row, bf16 autocast, AdamW, the GPU targets; no peak memory): a test of this file, not a benchmark.
@@ -411,10 +410,13 @@ def run_cpu(shape: Shape, impls: List[Impl], weights, b, device: torch.device, q
                 _fail(prep.row, exc)
                 prep.model = None
     for prep in preps:
-        ts = sorted(times.get(prep.impl.key, [])[1:])  # the first round warms up
+        in_order = times.get(prep.impl.key, [])[1:]  # the first round warms up
+        ts = sorted(in_order)
         if ts and prep.model is not None:
             median = ts[len(ts) // 2] if len(ts) % 2 else (ts[len(ts) // 2 - 1] + ts[len(ts) // 2]) / 2
-            prep.row.update({"fwd_bwd_ms": median, "best_ms": ts[0], "fwd_bwd_rounds_ms": ts, "rounds": len(ts)})
+            # The rounds in round order: the rows' i-th rounds ran back to back (ratios paired by round).
+            prep.row.update({"fwd_bwd_ms": median, "best_ms": ts[0], "fwd_bwd_rounds_ms": in_order,
+                             "rounds": len(ts)})
             if len(ts) > 1:
                 prep.row["spread_pct"] = 100 * (ts[-1] - ts[0]) / median
         prep.model = None
@@ -456,10 +458,10 @@ GPU_TARGETS = [
     Target("hf_time", "camtl", "camtl train step <= 1.25x the HF BertModel (SDPA) step", "vs_hf", 1.25, False),
     Target("hf_memory", "camtl", "camtl peak memory <= 1.15x the HF BertModel peak", "mem_vs_hf", 1.15, False),
 ]
-CPU_TARGETS = [
-    Target("cpu_published", "torch", "camtl torch backend fwd+bwd >= 1.15x faster than the published algorithm",
-           "speedup", 1.15, True),
-]
+# Issue 5's CPU target (1.15x the published algorithm at full padding) is retired (issue 12): at BERT width the
+# GEMMs dominate and it measured within the noise. The suite judges the conditioning overhead instead
+# (benchmarks/test_model.py).
+CPU_TARGETS: List[Target] = []
 
 
 def add_targets(rows: List[dict], targets: List[Target], noise: Optional[float] = None) -> None:

@@ -195,10 +195,13 @@ def _median(xs: List[float]) -> float:
     return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
-def run(device: torch.device, quick: bool, smoke: bool = False) -> List[dict]:
-    """Always on the CPU (``device`` is ignored): the GPU rows are issue 11's deliverable 5, not this bench."""
+def run(device: torch.device, quick: bool, smoke: bool = False, rounds: int = None, batches: int = None) -> List[dict]:
+    """Always on the CPU (``device`` is ignored): the GPU rows are issue 11's deliverable 5, not this bench.
+    ``rounds``, ``batches``: timed rounds and batches (default ROUNDS[quick] and BATCHES[quick]; 1 and 1 for the
+    smoke)."""
     shape = SMOKE_SHAPE if smoke else SHAPES[quick]
-    n_batches, rounds = (1, 1) if smoke else (BATCHES[quick], ROUNDS[quick])
+    n_batches, default_rounds = (1, 1) if smoke else (BATCHES[quick], ROUNDS[quick])
+    n_batches, rounds = batches or n_batches, rounds or default_rounds
     batches = make_batches(shape, n_batches)
     real = sum(b.real_tokens for b in batches)
     mean_len = real / sum(len(b.lengths) for b in batches)

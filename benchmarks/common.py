@@ -114,6 +114,19 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
+def check_impl(impl: Impl, x, ref, grad_out, dtype) -> dict:
+    """The check of one row against the fp32 reference ``ref`` (grad_step's outputs), inside impl.context:
+    {"pass", "max_err", "worst", "checked", "check"}, or {"check": note} for a row with nothing to compare."""
+    with impl.context():
+        got = grad_step(impl.fn, impl.leaves, x, grad_out)
+    if not impl.comparable:
+        return {"check": impl.note}
+    want = {k: ref[k] for k in got}
+    ok, err, worst = compare(want, {k: t.float() for k, t in got.items()}, *CHECK_TOLERANCES[dtype])
+    return {"pass": ok, "max_err": err, "worst": worst, "checked": ",".join(got),
+            "check": ("ok" if ok else "FAIL") + (f", {impl.note}" if impl.note else "")}
+
+
 def bench_impl(impl: Impl, shape, x, ref, grad_out, dtype, device, quick) -> dict:
     """One row: the check against the fp32 reference ``ref`` (grad_step's outputs), then fwd and fwd+bwd timings.
 
@@ -122,15 +135,8 @@ def bench_impl(impl: Impl, shape, x, ref, grad_out, dtype, device, quick) -> dic
     """
     row = {"impl": impl.key, "name": impl.name, "shape": str(shape), "device": str(device), "dtype": str(dtype)[6:]}
     try:
+        row.update(check_impl(impl, x, ref, grad_out, dtype))
         with impl.context():
-            got = grad_step(impl.fn, impl.leaves, x, grad_out)
-            if impl.comparable:
-                want = {k: ref[k] for k in got}
-                ok, err, worst = compare(want, {k: t.float() for k, t in got.items()}, *CHECK_TOLERANCES[dtype])
-                row.update({"pass": ok, "max_err": err, "worst": worst, "checked": ",".join(got)})
-                row["check"] = ("ok" if ok else "FAIL") + (f", {impl.note}" if impl.note else "")
-            else:
-                row["check"] = impl.note
             fwd = time_ms(lambda: impl.fn(x), device, quick)
             row["fwd_ms"], row["fwd_iqr_ms"] = fwd["median_ms"], fwd["iqr_ms"]
             if impl.leaves:
@@ -144,6 +150,32 @@ def bench_impl(impl: Impl, shape, x, ref, grad_out, dtype, device, quick) -> dic
         else:
             row.pop("pass", None)  # it may have checked fine and then failed to time
     return row
+
+
+def tolerance_text(dtype) -> str:
+    rtol, atol = CHECK_TOLERANCES[dtype]
+    return f"rtol {rtol:g}, atol {atol:g} x max|ref| per tensor, vs the fp32 reference"
+
+
+def op_entries(impls: Sequence[Impl], x, ref, grad_out, dtype, under_test: Sequence[str] = ("camtl",)) -> list:
+    """suite.Entry rows of an op bench: each impl checked (output and every gradient) before its fwd and fwd+bwd
+    entries exist; a row that fails its check gets entries that are not timed and fail their tests."""
+    from suite import Entry
+
+    entries = []
+    for impl in impls:
+        common = dict(context=impl.context, tolerance=tolerance_text(dtype), under_test=impl.key in under_test)
+        try:
+            check = check_impl(impl, x, ref, grad_out, dtype)
+            common.update(matches_reference=check.get("pass"), max_err=check.get("max_err"))
+        except Exception as exc:  # noqa: BLE001
+            common["error"] = error_text(exc)
+        name = impl.name + (f" ({impl.note})" if impl.note else "")
+        entries.append(Entry(impl.key, name, "fwd", lambda impl=impl: impl.fn(x), **common))
+        if impl.leaves:
+            entries.append(Entry(impl.key, name, "fwd+bwd",
+                                 lambda impl=impl: grad_step(impl.fn, impl.leaves, x, grad_out), **common))
+    return entries
 
 
 Column = Tuple[str, str, str]  # (header, row key, format spec)

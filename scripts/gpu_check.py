@@ -10,9 +10,11 @@ order, each in its own process group under its own time limit, and writes their 
                                                           (camtl._C for this GPU's arch only, when nvcc is here)
     environment              10       environment.txt     date, nvidia-smi, camtl info
     tests/gpu                95       gpu-tests.txt/.xml  pytest tests/gpu (junit XML: what ran and was skipped)
-    bench_<name>, each      25-70     bench_<name>.json   benchmarks/run.py --only <name>
+    bench <name>, each      25-70     benchmarks/<name>/  pytest benchmarks/test_<name>.py (the suite's results
+                                                          table of that file, and pytest-benchmark's JSON)
     kernel report            40       kernel-report/      scripts/kernel_report.py, compiled on this machine's CPUs
-    summary figure           10       summary.png         benchmarks/plot.py
+    benchmark summary        10       benchmarks/         benchmarks/report.py: the parts' rows merged into one
+                                                          results.json/.csv, summary.md and summary.png
 
 The budgets sum to 400 s, so the whole check ends within 7 minutes on one H100 / H200 (about 20 s of
 margin for the interpreter start and the summary). A part that runs out of time is killed (its process
@@ -21,8 +23,9 @@ The budgets are estimates made without a GPU: summary.md lists the seconds each 
 GPU session can resize them.
 
 summary.md (also printed) states, for every part: ok, failed (exit status), timed out, or not run and why;
-the GPU tests that failed or were skipped, with their reasons; and the benchmark rows that failed their
-equivalence check. The exit status is 0 only if every part ran and passed.
+the GPU tests that failed or were skipped, with their reasons; the benchmark rows that failed their
+equivalence check or did not run; and the benchmarks skipped, with their reasons. The exit status is 0 only
+if every part ran and passed.
 
     python scripts/gpu_check.py [--out DIR] [--budget SECONDS]
 """
@@ -43,13 +46,14 @@ from typing import Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 TOTAL_BUDGET_S = 400.0
-BENCH_BUDGETS_S = {  # FlexAttention's torch.compile happens inside bench_attention
-    "bench_modules": 25,
-    "bench_attention": 70,
-    "bench_norm_adapter": 25,
-    "bench_model": 35,
-    "bench_packing": 35,
+BENCH_BUDGETS_S = {  # benchmarks/test_<name>.py; FlexAttention's torch.compile happens inside attention
+    "modules": 25,
+    "attention": 70,
+    "norm_adapter": 25,
+    "model": 35,
+    "epoch": 35,
 }
+BENCH_DIR = "benchmarks"  # inside the output folder: a folder per bench file, and the merged table
 
 
 @dataclasses.dataclass
@@ -80,12 +84,16 @@ def plan(out: Path, python: str, cuda_arch: str = "90a") -> List[Part]:
                            "--junitxml", str(out / "gpu-tests.xml")], 95, "gpu-tests.txt"),
     ]
     for bench, budget in BENCH_BUDGETS_S.items():
-        parts.append(Part(bench, [python, "benchmarks/run.py", "--out", str(out), "--only", bench, "--no-plot"],
-                          budget, f"{bench}.txt"))
+        parts.append(Part(f"bench {bench}", [python, "-m", "pytest", f"benchmarks/test_{bench}.py", "--bench-out",
+                                             str(out / BENCH_DIR / bench), "--no-figure", "--benchmark-storage",
+                                             f"file://{out / BENCH_DIR / 'storage'}"],
+                          budget, f"bench-{bench}.txt", env={"BENCH_SAVE": f"gpu-check-{bench}"}))
     parts.append(Part("kernel report", [python, "scripts/kernel_report.py", "--out", str(out / "kernel-report"),
                                         "--no-progress", "--jobs", str(os.cpu_count() or 2)], 40,
                       "kernel-report.txt"))
-    parts.append(Part("summary figure", [python, "benchmarks/plot.py", str(out)], 10, "plot.txt"))
+    parts.append(Part("benchmark summary", [python, "benchmarks/report.py",
+                                            *[str(out / BENCH_DIR / bench) for bench in BENCH_BUDGETS_S],
+                                            "--out", str(out / BENCH_DIR)], 10, "bench-summary.txt"))
     return parts
 
 
@@ -141,15 +149,24 @@ def junit_problems(xml_path: Path) -> List[str]:
 
 
 def bench_failures(out: Path) -> List[str]:
-    """The benchmark rows that failed their equivalence check, and those that say they did not run."""
+    """The benchmark rows that failed their equivalence check or did not run, and the skipped benchmarks, from
+    each bench part's results.json."""
     failures = []
-    for path in sorted(out.glob("bench_*.json")):
-        for row in json.loads(path.read_text()).get("rows", []):
-            name = row.get("module") or row.get("name") or row.get("impl")
-            if row.get("pass") is False:
-                failures.append(f"{path.stem}: {name} failed its equivalence check")
-            elif row.get("skipped") or row.get("error"):
-                failures.append(f"{path.stem}: {name} not run: {row.get('skipped') or row.get('error')}")
+    for bench in BENCH_BUDGETS_S:
+        path = out / BENCH_DIR / bench / "results.json"
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        for row in data.get("rows", []):
+            what = f"{row.get('name') or row.get('impl')} [{row.get('direction')}] at {row.get('shape')}"
+            if row.get("matches_reference") is False:
+                failures.append(f"{bench}: {what} failed its equivalence check")
+            elif row.get("error"):
+                failures.append(f"{bench}: {what} not run: {row['error']}")
+        reasons: Dict[str, int] = {}
+        for skip in data.get("skipped", []):
+            reasons[skip["reason"]] = reasons.get(skip["reason"], 0) + 1
+        failures += [f"{bench}: {n} case{'s' * (n > 1)} skipped: {reason}" for reason, n in reasons.items()]
     return failures
 
 

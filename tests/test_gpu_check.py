@@ -74,17 +74,24 @@ def test_summary_states_what_did_not_run_or_pass(tmp_path):
         '</testcase>'
         '<testcase classname="tests.gpu.test_b" name="test_bad"><failure message="assert 1 == 2&#10;more"/>'
         '</testcase></testsuite></testsuites>')
-    (tmp_path / "bench_model.json").write_text(json.dumps({"rows": [
-        {"name": "camtl", "pass": True}, {"name": "camtl triton", "pass": False},
-        {"name": "published", "error": "OutOfMemoryError: ..."}]}))
+    model = tmp_path / "benchmarks" / "model"
+    model.mkdir(parents=True)
+    (model / "results.json").write_text(json.dumps({
+        "rows": [{"name": "camtl torch", "direction": "fwd+bwd", "shape": "s", "matches_reference": True},
+                 {"name": "camtl triton", "direction": "fwd+bwd", "shape": "s", "matches_reference": False},
+                 {"name": "published", "direction": "fwd+bwd", "shape": "s", "error": "OutOfMemoryError: ..."}],
+        "skipped": [{"test": "test_model.py::test_model[a]", "reason": "needs a CUDA GPU"},
+                    {"test": "test_model.py::test_model[b]", "reason": "needs a CUDA GPU"}]}))
     outcomes = [gpu_check.Outcome("install", "ok", 3.0, "install.log"),
                 gpu_check.Outcome("bench_attention", "timed out", 70.0, "killed after 70 s")]
     text = gpu_check.summary(outcomes, tmp_path, 400)
     assert "| bench_attention | timed out | 70.0 |" in text
     assert "skipped: tests.gpu.test_a::test_flex - FlexAttention needs torch 2.5" in text
     assert "failed: tests.gpu.test_b::test_bad - assert 1 == 2" in text
-    assert "bench_model: camtl triton failed its equivalence check" in text
-    assert "bench_model: published not run: OutOfMemoryError" in text
+    assert "model: camtl triton [fwd+bwd] at s failed its equivalence check" in text
+    assert "model: published [fwd+bwd] at s not run: OutOfMemoryError" in text
+    assert "model: 2 cases skipped: needs a CUDA GPU" in text
+    assert "camtl torch" not in text
     assert "test_ok" not in text
     clean = gpu_check.summary([gpu_check.Outcome("install", "ok", 3.0, "install.log")], tmp_path / "none", 400)
     assert "nothing: every part ran and passed" in clean
@@ -92,15 +99,18 @@ def test_summary_states_what_did_not_run_or_pass(tmp_path):
 
 def test_the_plan_fits_seven_minutes_and_runs_every_bench(tmp_path, monkeypatch):
     monkeypatch.delenv("CAMTL_CUDA_ARCHS", raising=False)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        run = _load("camtl_bench_run", ROOT / "benchmarks" / "run.py")
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
     parts = gpu_check.plan(tmp_path, sys.executable)
     assert sum(p.budget_s for p in parts) <= gpu_check.TOTAL_BUDGET_S <= 7 * 60 - 20
-    benches = [p.command[p.command.index("--only") + 1] for p in parts if "--only" in p.command]
-    assert benches == run.BENCHES, "every bench of make bench gets a budgeted part"
+    bench_files = sorted(p.command[p.command.index("pytest") + 1] for p in parts if "pytest" in p.command
+                         and "tests/gpu" not in p.command)
+    assert bench_files == sorted(str(f.relative_to(ROOT)) for f in (ROOT / "benchmarks").glob("test_*.py")), \
+        "every bench file of the suite gets a budgeted part"
+    for part in parts:
+        if "--bench-out" in part.command:  # each its own results table, merged by the summary part
+            assert part.command[part.command.index("--bench-out") + 1] == str(tmp_path / "benchmarks" /
+                                                                              part.name.split()[-1])
+    summary = parts[-1]
+    assert summary.name == "benchmark summary" and summary.command[-1] == str(tmp_path / "benchmarks")
     names = [p.name for p in parts]
     assert names[:3] == ["install", "environment", "tests/gpu"] and "kernel report" in names
     assert gpu_check.plan(tmp_path, sys.executable, "80")[0].env == {"CAMTL_CUDA_ARCHS": "80"}
