@@ -13,6 +13,7 @@ Environment:
   MAX_JOBS                  ninja's parallel jobs (default: the CPU count)
   NVCC_THREADS              nvcc --threads, per-arch parallelism inside one nvcc (default 1)
 The build fails when ptxas reports a spill (stores or loads) or any warning.
+`make wheel` (scripts/build_wheels.sh) builds both wheels, checks camtl._C and repairs the CUDA wheel with auditwheel.
 """
 
 import importlib.util
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
 CSRC = HERE / "csrc"
@@ -176,6 +178,17 @@ def extensions():
     return [Extension("camtl._C", sources=_csrc("*.c*"), depends=_csrc("*.h"))]
 
 
+class PureBuildPy(build_py):
+    """A pure build drops the camtl._C an earlier CUDA build left in build/lib: the wheel would ship it as
+    py3-none-any (bdist_wheel copies all of build/lib)."""
+
+    def run(self):
+        super().run()
+        for stale in Path(self.build_lib, "camtl").glob("_C.*"):
+            if stale.suffix in (".so", ".pyd"):
+                stale.unlink()
+
+
 def _csrc(pattern):
     return [str(p.relative_to(HERE)) for p in sorted(CSRC.glob(pattern))]
 
@@ -185,5 +198,5 @@ setup(
     packages=find_packages(include=["camtl", "camtl.*"]) + ["camtl.kernels"],
     package_dir={"camtl.kernels": "kernels"},
     ext_modules=ext_modules,
-    cmdclass={"build_ext": NinjaCudaBuild} if ext_modules else {},
+    cmdclass={"build_ext": NinjaCudaBuild} if ext_modules else {"build_py": PureBuildPy},
 )

@@ -59,3 +59,25 @@ def test_source_tree_copy_imports_its_own_kernels(tmp_path):
     assert Path(kernels_file) == copy / "kernels" / "__init__.py"
     assert Path(film_file) == copy / "kernels" / "film.py"
     assert top_level == "False"  # only camtl.kernels is bound; an unrelated top-level `kernels` stays free
+
+
+def test_pure_wheel_drops_a_stale_extension_from_build_lib(tmp_path):
+    """An earlier CUDA build leaves camtl/_C*.so in build/lib; the pure wheel (tagged py3-none-any) must not ship it."""
+    listing = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                             check=True, capture_output=True, text=True).stdout
+    copy = tmp_path / "src"
+    for rel in filter(None, listing.split("\0")):
+        if (ROOT / rel).is_file():
+            (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, copy / rel)
+    stale = copy / "build" / "lib" / "camtl" / "_C.cpython-311-x86_64-linux-gnu.so"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"\x7fELF left by an earlier CUDA build")
+    env = dict(os.environ, CAMTL_SKIP_CUDA_BUILD="1")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "wheels"), str(copy)], check=True, env=env, capture_output=True)
+    (wheel,) = (tmp_path / "wheels").glob("camtl-*.whl")
+    assert wheel.name.endswith("-py3-none-any.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        binaries = [n for n in zf.namelist() if n.endswith(".so")]
+    assert binaries == []
