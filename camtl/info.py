@@ -48,7 +48,19 @@ def collect() -> Dict[str, Any]:
             name: {"available": st.available, "reason": st.reason, "ops": list(st.ops)}
             for name, st in backend_states().items()
         },
+        "cuda_extension": _cuda_extension(),
     }
+
+
+def _cuda_extension() -> Dict[str, Any]:
+    """camtl._C as built: {"built": True, "archs", "runtime", "device_status", "device_count", "device_message"},
+    or {"built": False, "reason"}."""
+    try:
+        from camtl.backends.cuda_ext import extension_info
+
+        return {"built": True, **extension_info()}
+    except Exception as exc:  # not built, or a build that cannot load here: say why, never fail `info`
+        return {"built": False, "reason": f"{type(exc).__name__}: {exc}"}
 
 
 def info(file=None) -> Dict[str, Any]:
@@ -63,6 +75,12 @@ def info(file=None) -> Dict[str, Any]:
         state = "on " if st["available"] else "off"
         print(f"  {name:<7} {state}  {st['reason']}", file=out)
         print(f"  {'':<7}      ops: {', '.join(st['ops']) or 'none'}", file=out)
+    ext = data["cuda_extension"]
+    if ext["built"]:
+        print(f"{'camtl._C':<14} built for {ext['archs']}, CUDA runtime {ext['runtime']}; device query: "
+              f"{ext['device_count']} device(s), status {ext['device_status']} ({ext['device_message']})", file=out)
+    else:
+        print(f"{'camtl._C':<14} not built ({ext['reason']})", file=out)
     fp32 = data["float32_cuda"]
     print(f"{'float32 CUDA':<14} {', '.join(fp32['ops'])} run on: {fp32['path']}", file=out)
     print(f"{'':<14} {fp32['reason']}", file=out)

@@ -119,6 +119,32 @@ def test_info_reports_versions_backends_and_device(capsys):
     assert data["backends"]["torch"]["available"] is True
 
 
+def test_info_reports_the_cuda_extension_as_built_or_why_not(capsys, monkeypatch):
+    """A structured field: the archs camtl._C was compiled for and the device query's answer, or why it is absent."""
+    import importlib.util
+
+    data = camtl.info()
+    text = capsys.readouterr().out
+    ext = data["cuda_extension"]
+    if importlib.util.find_spec("camtl._C") is not None:
+        import camtl._C as compiled
+
+        assert ext["built"] is True and ext["archs"] == compiled.ARCHS, ext
+        assert isinstance(ext["device_count"], int) and isinstance(ext["device_status"], int)
+        assert f"built for {compiled.ARCHS}" in text
+    else:
+        assert ext["built"] is False and ext["reason"], ext
+    import camtl.backends.cuda_ext as cuda_ext
+
+    def broken():
+        raise ImportError("camtl._C: undefined symbol")
+
+    monkeypatch.setattr(cuda_ext, "extension_info", broken)
+    ext = camtl.info()["cuda_extension"]
+    assert ext == {"built": False, "reason": "ImportError: camtl._C: undefined symbol"}
+    assert "camtl._C       not built (ImportError" in capsys.readouterr().out
+
+
 def test_cli_info():
     out = subprocess.run([sys.executable, "-m", "camtl", "info"], capture_output=True, text=True, check=True).stdout
     assert "backends" in out and "torch" in out

@@ -164,3 +164,4 @@ def test_cuda_wheel_in_a_fresh_venv_beside_cpu_torch_reports_its_archs_and_no_de
     cuda = info["backends"]["cuda"]
     assert cuda["available"] is False and "conditional_layer_norm" in cuda["ops"]
     assert cuda["reason"] == f"no CUDA device is visible to torch (camtl._C built for {ARCHS})", cuda
+    assert info["cuda_extension"]["built"] is True and info["cuda_extension"]["archs"] == ARCHS, info["cuda_extension"]
