@@ -1,4 +1,8 @@
-"""The second stage of the kernels' deterministic reductions: partial sums per example, summed per task."""
+"""The second stage of the kernels' deterministic reductions: partial sums per example, summed per task.
+
+This is the torch and triton backends' version (a one-hot GEMM). The cuda backend sums with camtl._C's
+``task_sum`` instead (camtl.backends.cuda_ext.per_task_sum: same contract, one fixed-order fp64 sum per
+output, no GEMM and no one-hot matrix)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from camtl.backends import register, resolve, torch_ref
+from camtl.backends import cuda_ext, register, resolve, torch_ref
 from camtl.ops import _checks
 from camtl.ops._reduce import per_task_sum
 
@@ -64,20 +64,7 @@ def film(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
     return fn(x, gamma, beta, index)
 
 
-# ---- the fused (Triton) implementation, as torch.library ops ---------------------------------------------------
-
-@torch.library.custom_op("camtl::film_fwd", mutates_args=())
-def _film_fwd(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """[B, L, D] with B = len(index); x is [B, L, D] or [L, D]."""
-    from camtl.kernels.film import film_forward
-
-    return film_forward(x, gamma, beta, index)
-
-
-@_film_fwd.register_fake
-def _(x, gamma, beta, index):
-    return x.new_empty((index.shape[0], *x.shape[-2:]))
-
+# ---- the kernel backends (Triton, CUDA), as torch.library ops ---------------------------------------------------
 
 def film_backward(dout: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor,
                   index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -92,41 +79,75 @@ def film_backward(dout: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor,
     return dx, per_task_sum(dscale, index, G), per_task_sum(dshift, index, G)
 
 
-@torch.library.custom_op("camtl::film_bwd", mutates_args=())
-def _film_bwd(dout: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor,
-              index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dgamma, dbeta). A shared x [L, D] gets the sum over the batch."""
-    dx, dgamma, dbeta = film_backward(dout, x, gamma, index)
-    return dx, dgamma.to(gamma.dtype), dbeta.to(gamma.dtype)
+def _cuda_film_backward(dout, x, gamma, index):
+    """film_backward on camtl._C: its kernel, then its deterministic per-task sum of both partials in one launch."""
+    dx, dscale, dshift = cuda_ext.film_backward(dout, x, gamma, index)
+    dgamma, dbeta = cuda_ext.per_task_sums([dscale, dshift], index, gamma.shape[0])
+    return dx, dgamma, dbeta
 
 
-@_film_bwd.register_fake
-def _(dout, x, gamma, index):
-    return x.new_empty(x.shape), gamma.new_empty(gamma.shape), gamma.new_empty(gamma.shape)
+def _kernel_backend(backend: str, op_prefix: str, launch_forward, backward, int64_index: bool):
+    """Wires one kernel backend: the ops camtl::{op_prefix}film_fwd / _bwd (fake implementations, autograd,
+    double backward refused naming the backend) around launch_forward() (the forward's launch function, looked
+    up at the first call: importing it may need the backend) and backward (dx, dgamma, dbeta fp32).
+    int64_index: the launches take int64 task ids only (int32 ones are widened first). Returns its film."""
+
+    @torch.library.custom_op(f"camtl::{op_prefix}film_fwd", mutates_args=())
+    def fwd(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """[B, L, D] with B = len(index); x is [B, L, D] or [L, D]."""
+        return launch_forward()(x, gamma, beta, index)
+
+    @fwd.register_fake
+    def _(x, gamma, beta, index):
+        return x.new_empty((index.shape[0], *x.shape[-2:]))
+
+    @torch.library.custom_op(f"camtl::{op_prefix}film_bwd", mutates_args=())
+    def bwd(dout: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor,
+            index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dx, dgamma, dbeta). A shared x [L, D] gets the sum over the batch."""
+        dx, dgamma, dbeta = backward(dout, x, gamma, index)
+        return dx, dgamma.to(gamma.dtype), dbeta.to(gamma.dtype)
+
+    @bwd.register_fake
+    def _(dout, x, gamma, index):
+        return x.new_empty(x.shape), gamma.new_empty(gamma.shape), gamma.new_empty(gamma.shape)
+
+    _checks.refuse_double_backward(bwd, "camtl.ops.film", backend)
+
+    def setup_context(ctx, inputs, output):
+        x, gamma, beta, index = inputs
+        ctx.save_for_backward(x, gamma, index)
+
+    def backward_formula(ctx, dout):
+        x, gamma, index = ctx.saved_tensors
+        dx, dgamma, dbeta = bwd(dout, x, gamma, index)
+        return dx, dgamma, dbeta, None
+
+    fwd.register_autograd(backward_formula, setup_context=setup_context)
+
+    def film(x, gamma, beta, index=None):
+        if index is None:
+            index = torch.arange(gamma.shape[0], device=x.device)  # check_film: one row per example
+        elif int64_index:
+            index = index.long()
+        return fwd(x, gamma, beta, index)
+
+    film.__doc__ = f"The {backend} backend's film (the ops' signature)."
+    film.forward_op, film.backward_op = fwd, bwd
+    return film
 
 
-_checks.refuse_double_backward(_film_bwd, "camtl.ops.film")
+def _triton_forward():
+    from camtl.kernels.film import film_forward
+
+    return film_forward
 
 
-def _film_setup_context(ctx, inputs, output):
-    x, gamma, beta, index = inputs
-    ctx.save_for_backward(x, gamma, index)
-
-
-def _film_backward(ctx, dout):
-    x, gamma, index = ctx.saved_tensors
-    dx, dgamma, dbeta = _film_bwd(dout, x, gamma, index)
-    return dx, dgamma, dbeta, None
-
-
-_film_fwd.register_autograd(_film_backward, setup_context=_film_setup_context)
-
-
-def _triton_film(x, gamma, beta, index=None):
-    if index is None:
-        index = torch.arange(gamma.shape[0], device=x.device)  # check_film: one row per example
-    return _film_fwd(x, gamma, beta, index)
-
+_triton_film = _kernel_backend("triton", "", _triton_forward, film_backward, int64_index=False)
+_cuda_film = _kernel_backend("cuda", "cuda_", lambda: cuda_ext.film_forward, _cuda_film_backward, int64_index=True)
+_film_fwd = _triton_film.forward_op  # the Triton ops, by the names the tests use
+_film_bwd = _triton_film.backward_op
 
 register("film", "torch", torch_ref.film)
 register("film", "triton", _triton_film)
+register("film", "cuda", _cuda_film)

@@ -85,20 +85,23 @@ def _unsupported_by_kernels(x) -> Optional[str]:
 
 # ---- the kernel backends (Triton, CUDA), as torch.library ops ---------------------------------------------------
 
-def parameter_grads(dscale, dbias, weight, gamma, index):
+def parameter_grads(dscale, dbias, weight, gamma, index, sum_per_task=per_task_sum):
     """(dweight, dbias, dgamma, dbeta) from a kernel backward's fp32 partials dscale, dbias [B, chunks, D], in the
-    parameters' dtypes: dbeta sums Σ dy∘x̂ per task (deterministically), the others follow from it."""
-    dbeta = per_task_sum(dscale, index, gamma.shape[0])  # [G, D]: Σ dy∘x̂ over the rows of each task
+    parameters' dtypes: dbeta sums Σ dy∘x̂ per task (deterministically, by sum_per_task: per_task_sum's
+    contract), the others follow from it."""
+    dbeta = sum_per_task(dscale, index, gamma.shape[0])  # [G, D]: Σ dy∘x̂ over the rows of each task
     dgamma = dbeta * weight.float()
     dweight = ((1 + gamma.float()) * dbeta).sum(0)
     return (dweight.to(weight.dtype), dbias.sum((0, 1)).to(weight.dtype), dgamma.to(gamma.dtype),
             dbeta.to(gamma.dtype))
 
 
-def _kernel_backend(backend: str, op_prefix: str, launches):
+def _kernel_backend(backend: str, op_prefix: str, launches, sum_per_task=per_task_sum, int64_index: bool = False):
     """Wires one kernel backend: the ops camtl::{op_prefix}conditional_layer_norm_fwd / _bwd (fake implementations,
     autograd, double backward refused) around launches() = (forward, backward), the backend's launch functions
-    (looked up at the first call: importing them may need the backend). Returns its conditional_layer_norm."""
+    (looked up at the first call: importing them may need the backend), and sum_per_task, its per-task sum of
+    the backward's partials. int64_index: the launches take int64 task ids only (int32 ones are widened first).
+    Returns its conditional_layer_norm."""
 
     @torch.library.custom_op(f"camtl::{op_prefix}conditional_layer_norm_fwd", mutates_args=())
     def fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
@@ -118,7 +121,7 @@ def _kernel_backend(backend: str, op_prefix: str, launches):
             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(dx, dweight, dbias, dgamma, dbeta); dx is also the gradient of the residual."""
         dx, dscale, dbias = launches()[1](dy, x, weight, gamma, beta, index, residual, mean, rstd)
-        return (dx, *parameter_grads(dscale, dbias, weight, gamma, index))
+        return (dx, *parameter_grads(dscale, dbias, weight, gamma, index, sum_per_task))
 
     @bwd.register_fake
     def _(dy, x, weight, gamma, beta, index, residual, mean, rstd):
@@ -143,6 +146,8 @@ def _kernel_backend(backend: str, op_prefix: str, launches):
     def conditional_layer_norm(x, weight, bias, gamma, beta, index=None, eps=1e-5, residual=None):
         if index is None:
             index = torch.arange(x.shape[0], device=x.device)
+        elif int64_index:
+            index = index.long()
         y, _, _ = fwd(x, weight, bias, gamma, beta, index, residual, float(eps))
         return y
 
@@ -159,7 +164,8 @@ def _triton_launches():
 
 _triton_conditional_layer_norm = _kernel_backend("triton", "", _triton_launches)
 _cuda_conditional_layer_norm = _kernel_backend(
-    "cuda", "cuda_", lambda: (cuda_ext.layer_norm_forward, cuda_ext.layer_norm_backward))
+    "cuda", "cuda_", lambda: (cuda_ext.layer_norm_forward, cuda_ext.layer_norm_backward), cuda_ext.per_task_sum,
+    int64_index=True)
 _cln_fwd = _triton_conditional_layer_norm.forward_op  # the Triton ops, by the names the tests use
 _cln_bwd = _triton_conditional_layer_norm.backward_op
 

@@ -1,10 +1,16 @@
-"""The cuda backend's conditional layer norm (camtl._C through camtl.backends.cuda_ext) on a GPU, against the
-torch backend: outputs and every gradient, dtypes, odd D, strided rows, determinism, opcheck, torch.compile."""
+"""The cuda backend (camtl._C through camtl.backends.cuda_ext) on a GPU: the conditional layer norm and FiLM
+against the torch backend (and the triton one at real shapes): outputs and every gradient, dtypes, odd D,
+strided rows, mixed and absent tasks, determinism, opcheck, torch.compile; the per-task sum against its
+fixed-order fp64 definition, bit for bit."""
 
 import pytest
 import torch
 
+import camtl
+from camtl.backends import cuda_ext
+from camtl.ops.film import _cuda_film as cuda_film
 from camtl.ops.layer_norm import _cuda_conditional_layer_norm as cuda_layer_norm
+from camtl_test_helpers import assert_close, graph_has, poisoned_empty, run_with_grads
 
 try:
     import camtl._C as ext
@@ -90,3 +96,123 @@ def test_cuda_ext_opcheck_and_compile():
     torch.testing.assert_close(y, cuda_layer_norm(args["x"], args["weight"], args["bias"],
                                                                   args["gamma"], args["beta"], index, 1e-5,
                                                                   args["residual"]))
+
+
+# ---- FiLM ------------------------------------------------------------------------------------------------------------
+
+def _film_tensors(B, L, D, G, dtype, shared, seed, row_stride=None):
+    """x, gamma, beta and dy on the GPU; with row_stride, x's and the tables' rows sit in a wider buffer."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        t = (torch.randn(*shape, generator=gen) * scale).to(dtype).cuda()
+        if row_stride is None:
+            return t
+        wide = torch.randn(*shape[:-1], row_stride, generator=gen).to(dtype).cuda()
+        wide[..., :shape[-1]] = t
+        return wide[..., :shape[-1]]
+    x = rand(*((L, D) if shared else (B, L, D)), scale=2.0)
+    return [x, rand(G, D, scale=0.5), rand(G, D, scale=0.5)], rand(B, L, D)
+
+
+def _film(index):
+    return lambda x, g, b: camtl.ops.film(x, g, b, index)
+
+
+def _run_keeping_strides(backend, fn, tensors, grad):
+    """run_with_grads without its clone (which would make strided rows contiguous)."""
+    leaves = [t.detach().requires_grad_() for t in tensors]
+    with camtl.use_backend(backend):
+        out = fn(*leaves)
+    out.backward(grad)
+    return out, [leaf.grad for leaf in leaves]
+
+
+def _check_film(tensors, dy, index, dtype, against=("torch",)):
+    """The cuda backend against each backend in ``against`` (torch in float64 on the same rounded inputs)."""
+    with poisoned_empty():
+        out, grads = _run_keeping_strides("cuda", _film(index), tensors, dy)
+    assert graph_has(out, "camtl::cuda_film_fwd")
+    assert out.dtype == dtype and [g.dtype for g in grads] == [dtype] * 3
+    for backend in against:
+        ref_in = [t.double() for t in tensors] if backend == "torch" else tensors
+        exp, exp_grads = run_with_grads(backend, _film(index), ref_in, dy.double() if backend == "torch" else dy)
+        # Σ|terms| of every element: the scale of its rounding error
+        abs_out, abs_grads = run_with_grads("torch", _film(index), [t.double().abs() for t in tensors],
+                                            dy.double().abs())
+        assert_close(out.detach(), exp.detach(), dtype, f"output vs {backend}", abs_out.detach())
+        for name, g, e, m in zip(("x", "gamma", "beta"), grads, exp_grads, abs_grads):
+            assert_close(g, e, dtype, f"grad of {name} vs {backend}", m)
+    return out, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("D,row_stride", [(13, None), (37, None), (768, None), (769, None), (8192, None),
+                                          (13, 16), (770, 776)])
+@pytest.mark.parametrize("shared", [False, True], ids=["x [B, L, D]", "x [L, D] shared"])
+def test_cuda_film_matches_torch(dtype, D, row_stride, shared):
+    tensors, dy = _film_tensors(4, 9, D, 5, dtype, shared, seed=D, row_stride=row_stride)
+    index = torch.tensor([3, 0, 3, 1], device="cuda")  # tasks 2 and 4 absent
+    _, (_, dgamma, dbeta) = _check_film(tensors, dy, index, dtype)
+    assert dgamma[[2, 4]].eq(0).all() and dbeta[[2, 4]].eq(0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shared", [False, True], ids=["x [B, L, D]", "x [L, D] shared"])
+def test_cuda_film_matches_torch_and_triton_at_real_shapes(dtype, shared):
+    B, L, D, G = 32, 128, 768, 8
+    tensors, dy = _film_tensors(B, L, D, G, dtype, shared, seed=3)
+    index = torch.randint(0, G - 1, (B,), device="cuda")  # task G - 1 absent
+    index[: G - 1] = torch.arange(G - 1, device="cuda")
+    _, (_, dgamma, _) = _check_film(tensors, dy, index.int(), dtype, against=("torch", "triton"))  # int32 ids too
+    assert dgamma[G - 1].eq(0).all() and dgamma[: G - 1].ne(0).any(1).all()
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["x [B, L, D]", "x [L, D] shared"])
+def test_cuda_film_is_bitwise_deterministic(shared):
+    tensors, dy = _film_tensors(16, 200, 769, 3, torch.bfloat16, shared, seed=4)
+    index = torch.randint(0, 3, (16,), device="cuda")
+    first = run_with_grads("cuda", _film(index), tensors, dy)
+    second = run_with_grads("cuda", _film(index), tensors, dy)
+    for a, b in zip([first[0], *first[1]], [second[0], *second[1]]):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+def test_cuda_film_empty_and_refused_inputs():
+    x, gamma = torch.randn(5, 8, device="cuda"), torch.randn(2, 8, device="cuda")
+    empty = torch.empty(0, dtype=torch.int64, device="cuda")
+    dx, dscale, _ = cuda_ext.film_backward(torch.empty(0, 5, 8, device="cuda"), x, gamma, empty)
+    assert dx.eq(0).all() and dscale.shape == (0, 2, 8)
+    with pytest.raises(IndexError, match=r"camtl.ops.film \(cuda backend\): argument 'index' holds 2"):
+        cuda_ext.film_forward(x, gamma, gamma, torch.tensor([0, 2], device="cuda"))
+
+
+def test_cuda_film_opcheck_and_compile():
+    tensors, _ = _film_tensors(2, 3, 768, 3, torch.float32, False, seed=5)
+    index = torch.tensor([2, 0], device="cuda")
+    leaves = [t.detach().requires_grad_() for t in tensors]
+    torch.library.opcheck(torch.ops.camtl.cuda_film_fwd, (*leaves, index))
+    shared, _ = _film_tensors(2, 3, 768, 3, torch.float32, True, seed=6)
+    torch.library.opcheck(torch.ops.camtl.cuda_film_fwd, (*[t.detach().requires_grad_() for t in shared], index))
+    compiled = torch.compile(cuda_film, fullgraph=True)
+    torch.testing.assert_close(compiled(*tensors, index), cuda_film(*tensors, index))
+
+
+# ---- the per-task sum --------------------------------------------------------------------------------------------
+
+def test_cuda_task_sum_is_the_fixed_order_fp64_sum():
+    gen = torch.Generator().manual_seed(7)
+    partials = (torch.randn(24, 9, 300, generator=gen) * torch.logspace(-6, 6, 300)).cuda()
+    index = torch.randint(0, 5, (24,), generator=gen).cuda()
+    index[index == 3] = 4  # task 3 absent
+    ordered = torch.zeros(6, 300, dtype=torch.float64, device="cuda")
+    for b, task in enumerate(index.tolist()):
+        for p in range(9):
+            ordered[task] += partials[b, p].double()
+    sums = cuda_ext.per_task_sum(partials, index, 6)
+    assert torch.equal(sums, ordered.float()) and sums[[3, 5]].eq(0).all()
+    from camtl.ops._reduce import per_task_sum
+
+    torch.testing.assert_close(sums, per_task_sum(partials, index, 6), rtol=1e-6, atol=0)
+    again = cuda_ext.per_task_sums([partials, partials], index, 6)
+    assert all(torch.equal(a.view(torch.int32), sums.view(torch.int32)) for a in again)
