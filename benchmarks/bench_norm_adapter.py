@@ -162,6 +162,35 @@ def bn_bound(x):
     return F.linear(F.linear(x["x"], x["w_down"], x["b_down"]), x["w_up"], x["b_up"])
 
 
+# ---- FiLM (the conditional alignment's op) --------------------------------------------------------------------
+
+FILM_LEAVES = ("x", "gamma", "beta")
+
+
+def film_camtl(x):
+    return ops.film(x["x"], x["gamma"], x["beta"], x["index"])
+
+
+def film_published(x):
+    """The published FiLM: per-example γ/β [B, 1, D] gathered, then broadcast."""
+    gamma, beta = x["gamma"][x["index"]].unsqueeze(1), x["beta"][x["index"]].unsqueeze(1)
+    return (1 + gamma) * x["x"] + beta
+
+
+def affine_bound(x):
+    return x["x"] * x["weight"] + x["bias"]
+
+
+def cuda_backend_problem(device: torch.device) -> Optional[str]:
+    """Why the cuda backend (camtl._C) cannot run here, or None."""
+    from camtl.backends import backend_state
+
+    state = backend_state("cuda")
+    if device.type != "cuda" or not state.available:
+        return f"the cuda backend is off: {state.reason}"
+    return None
+
+
 # ---- rows ------------------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -174,15 +203,21 @@ def on_backend(name: str, op: str, device: torch.device):
         yield
 
 
-CAMTL_KEYS = ("camtl", "torch")  # rows of the code under test: an error fails the bench
+CAMTL_KEYS = ("camtl", "cuda", "torch")  # rows of the code under test: an error fails the bench
 
 
 def implementations(device: torch.device) -> Dict[str, List[Impl]]:
+    """The rows of each op; the cuda backend's rows (camtl._C) only where it runs."""
     no_cond = dict(comparable=False, note="n/a (no conditioning)")
+    cuda = cuda_backend_problem(device) is None
     return {
         "cln": [
             Impl("camtl", "camtl triton", cln_camtl, CLN_LEAVES,
                  context=lambda: on_backend("triton", "conditional_layer_norm", device)),
+        ] + ([
+            Impl("cuda", "camtl cuda (camtl._C)", cln_camtl, CLN_LEAVES,
+                 context=lambda: on_backend("cuda", "conditional_layer_norm", device)),
+        ] if cuda else []) + [
             Impl("torch", "camtl torch backend", cln_camtl, CLN_LEAVES,
                  context=lambda: on_backend("torch", "conditional_layer_norm", device)),
             Impl("published", "published loop over tasks", cln_published, CLN_LEAVES),
@@ -195,11 +230,23 @@ def implementations(device: torch.device) -> Dict[str, List[Impl]]:
             Impl("published", "published FiLM + 2 Linear", bn_published, BN_LEAVES),
             Impl("bound", "2 plain Linear, no FiLM", bn_bound, ("x", "w_down", "b_down", "w_up", "b_up"), **no_cond),
         ],
+        "film": [
+            Impl("camtl", "camtl triton", film_camtl, FILM_LEAVES, context=lambda: on_backend("triton", "film", device)),
+        ] + ([
+            Impl("cuda", "camtl cuda (camtl._C)", film_camtl, FILM_LEAVES,
+                 context=lambda: on_backend("cuda", "film", device)),
+        ] if cuda else []) + [
+            Impl("torch", "camtl torch backend", film_camtl, FILM_LEAVES,
+                 context=lambda: on_backend("torch", "film", device)),
+            Impl("published", "published gather + broadcast", film_published, FILM_LEAVES),
+            Impl("bound", "x * w + b, no cond.", affine_bound, ("x", "weight", "bias"), **no_cond),
+        ],
     }
 
 
-REFERENCES = {"cln": (cln_camtl, CLN_LEAVES), "bottleneck": (bn_camtl, BN_LEAVES)}
-TITLES = {"cln": "conditional LN(x + residual)", "bottleneck": "bottleneck D -> D//3 -> D"}
+REFERENCES = {"cln": (cln_camtl, CLN_LEAVES), "bottleneck": (bn_camtl, BN_LEAVES), "film": (film_camtl, FILM_LEAVES)}
+TITLES = {"cln": "conditional LN(x + residual)", "bottleneck": "bottleneck D -> D//3 -> D",
+          "film": "FiLM (1 + gamma[t]) x + beta[t]"}
 
 
 def copy_bandwidth(device: torch.device, quick: bool, nbytes: int) -> Dict[str, float]:

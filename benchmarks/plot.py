@@ -3,7 +3,8 @@
     python benchmarks/plot.py [DIR]      # DIR holds results.json (default .benchmarks/latest)
 
 Each row is a bar (its median; the whisker spans its rounds, best to worst), labeled with its direction (fwd, or
-fwd+bwd hatched); bars are grouped by case and shape. A panel lists its targets with their status (met green,
+fwd+bwd hatched); bars are grouped by case and shape. A bar is ms per call, or ms per 1000 real tokens in a bench
+compared on work (the epoch), as its axis says. A panel lists its targets with their status (met green,
 missed red, not resolved gray) and marks the judged bar's value; a row that failed its equivalence check is red
 and says FAIL. The last panel lists the skipped tests and their reasons. Needs matplotlib.
 """
@@ -17,7 +18,7 @@ import sys
 import textwrap
 from typing import Dict, List, Optional
 
-from suite import skipped_lines
+from suite import MS_PER_CALL, skipped_lines, time_header
 
 FIGURE_NAME = "summary.png"
 STATUS_COLORS = {"met": "tab:green", "missed": "tab:red", "not resolved": "tab:gray", "n/a": "black"}
@@ -99,8 +100,8 @@ def _panel(ax, bench: str, rows: List[dict], targets: List[dict]) -> None:
                     hatch="//" if r["direction"] == "fwd+bwd" else None,
                     edgecolor=STATUS_COLORS.get(worst, "white"), linewidth=2.5 if worst else 0.5)
             note = " FAIL (equivalence)" if r.get("matches_reference") is False else ""
-            if r.get("tokens_per_s"):
-                note += f", {r['tokens_per_s']:,.0f} real tok/s"
+            if r.get("work_per_s"):
+                note += f", {r['work_per_s']:,.0f} {r['work_unit']}/s"
             if mine:
                 note += "  [target: " + ", ".join(t["status"] for t in mine) + "]"
             ax.text(max([ms] + rounds), y, f" {_ms(ms)}{note}" if ms else note, va="center", fontsize="small",
@@ -112,7 +113,9 @@ def _panel(ax, bench: str, rows: List[dict], targets: List[dict]) -> None:
     ax.set_yticks(ticks, labels, fontsize="small")
     ax.set_ylim(y - 0.3, -0.6)
     times = [r["median_ms"] for r in rows if r.get("median_ms")]
-    axis = "median ms per call; whisker: the rounds' range; hatched: fwd+bwd; edge: a target's status"
+    unit = time_header(rows)
+    axis = (f"median {MS_PER_CALL if unit == 'ms' else unit}; whisker: the rounds' range; hatched: fwd+bwd; "
+            f"edge: a target's status")
     if times and max(times) / min(times) > 20:  # a log axis only where the times span decades
         ax.set_xscale("log")
         axis += " (log scale)"

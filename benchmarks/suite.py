@@ -4,8 +4,13 @@ A *group* is one case at one shape on one device in one dtype (the conditional a
 say), with its implementations (``Entry``: one implementation in one direction, fwd or fwd+bwd). Every entry is
 checked against the reference before anything is timed; entries that match are timed in interleaved rounds
 (every entry once per round, so that drift hits all alike), on a GPU with CUDA events after a synchronize. One
-row per entry, with the row schema of issue 12 (``ROW_FIELDS``); a ``Target`` judges a ratio of the medians,
-and its per-round values give the spread: a bound inside it is "not resolved".
+row per entry, with the row schema of issue 12 (``ROW_FIELDS``); a ``Target`` judges a ratio of the medians
+(or, ``paired``, the median of its per-round values), and its per-round values give the spread: a bound inside
+it is "not resolved".
+
+A group with a ``work_unit`` ("real tokens": the epoch, judged on issue 11's real tokens/s) gives each entry its
+``work`` per call, so that entries whose calls do different amounts of work compare on the same work: its times,
+ratios and targets are of ms per 1000 units, 1000 / the median over the rounds of units per second.
 
 ``Results`` collects the rows, targets and skipped tests of a run and writes results.json, results.csv,
 summary.md and summary.png (benchmarks/plot.py). ``compare_rows`` is benchmarks/compare.py's logic.
@@ -32,10 +37,16 @@ ROW_FIELDS = ["bench", "case", "impl", "device", "dtype", "shape", "direction", 
               "matches_reference", "max_err", "tolerance", "ratio_vs_published", "ratio_vs_peer", "target",
               "target_status"]
 # Added after them: the row's label, its peer, the spread of each ratio over the rounds, and what a few benches add.
+# time_unit: what median_ms, iqr_ms and rounds_ms measure ("ms per call", or "ms per 1000 real tokens" in a group
+# compared on work); work: the units of work of one call; work_per_s: the median over the rounds of units per second.
 EXTRA_FIELDS = ["name", "peer", "ratio_vs_published_low", "ratio_vs_published_high", "ratio_vs_peer_low",
-                "ratio_vs_peer_high", "best_ms", "tokens_per_s", "peak_mib", "headline"]
+                "ratio_vs_peer_high", "best_ms", "time_unit", "work", "work_unit", "work_per_s", "peak_mib",
+                "headline"]
+MS_PER_CALL = "ms per call"
 RATIO_NOTE = ("ratio_vs_published = published ms / this ms and ratio_vs_peer = peer ms / this ms (> 1: this is "
-              "faster), medians of the same direction; [low-high]: the ratio's range over the interleaved rounds")
+              "faster), medians of the same direction; [low-high]: the ratio's range over the interleaved rounds. "
+              "A bench compared on work (the epoch: its rows hold the same examples in different layouts) gives "
+              "ms per 1000 real tokens, 1000 / the median real tokens/s, and its ratios are those of real tokens/s")
 
 
 # ---- groups ------------------------------------------------------------------------------------------------------
@@ -53,13 +64,16 @@ class Entry:
     tolerance: str = ""
     error: Optional[str] = None  # it could not run: a skip, or a failure when under_test
     under_test: bool = False  # camtl: an error fails the run; a baseline's error is a skip
-    rounds_ms: List[float] = field(default_factory=list)  # one value per round, in round order
-    extra: Dict[str, object] = field(default_factory=dict)  # extra row fields (tokens_per_s, peak_mib, ...)
+    rounds_ms: List[float] = field(default_factory=list)  # ms per call, one value per round, in round order
+    work: Optional[float] = None  # units of work (Group.work_unit) one call does: compared per unit, not per call
+    extra: Dict[str, object] = field(default_factory=dict)  # extra row fields (peak_mib, ...)
 
 
 @dataclass
 class Target:
-    """A bound on ``value(ms by impl)`` (the medians of ``direction``), judging the row of ``impl``."""
+    """A bound on ``value(ms by impl)`` (ms per call, or per 1000 units of work; the medians of ``direction``),
+    judging the row of ``impl``. ``paired``: the value is the median of the per-round values instead (a value
+    that mixes differences of times, such as ``overhead_removed``, is only meaningful within one round)."""
     text: str
     impl: str
     direction: str
@@ -68,10 +82,11 @@ class Target:
     value: Callable[[Dict[str, float]], Optional[float]]
     unit: str = "x"
     headline: bool = False
+    paired: bool = False
 
 
 def faster(this: str, other: str) -> Callable[[Dict[str, float]], Optional[float]]:
-    """other ms / this ms: how many times faster ``this`` is."""
+    """other ms / this ms (per call, or per unit of work): how many times faster ``this`` is."""
     return lambda ms: ms[other] / ms[this] if ms.get(this) and ms.get(other) else None
 
 
@@ -109,6 +124,7 @@ class Group:
     targets: List[Target] = field(default_factory=list)
     headline: bool = False
     skip_reason: Optional[str] = None  # the whole group cannot run here
+    work_unit: Optional[str] = None  # set: entries are compared per unit of work (Entry.work), not per call
 
     def entry(self, impl: str, direction: str) -> Optional[Entry]:
         return next((e for e in self.entries if e.impl == impl and e.direction == direction), None)
@@ -208,17 +224,45 @@ def iqr(xs: Sequence[float]) -> Optional[float]:
     return q[2] - q[0]
 
 
-def _per_round(fn: Callable[[Dict[str, float]], Optional[float]], entries: Sequence[Entry]) -> List[float]:
-    """fn over each round's times (entries timed in the same interleaved rounds): the ratio's spread."""
-    counts = {len(e.rounds_ms) for e in entries if e.rounds_ms}
+def _cost_rounds(entry: Entry, work_unit: Optional[str]) -> List[float]:
+    """The entry's rounds in the unit its group compares: ms per call, or ms per 1000 units of work."""
+    if work_unit is None or not entry.rounds_ms:
+        return list(entry.rounds_ms)
+    if not entry.work or entry.work <= 0 or not math.isfinite(entry.work):
+        raise ValueError(f"Entry {entry.impl!r} ({entry.direction}): work must be a positive number of "
+                         f"{work_unit} per call when its group is compared per unit of work, got {entry.work!r}")
+    return [1e3 * ms / entry.work for ms in entry.rounds_ms]
+
+
+def _cost_median(costs: Sequence[float], work_unit: Optional[str]) -> Optional[float]:
+    """The median of ms per call; per unit of work: 1000 / the median rate (issue 11's real tokens/s, the median
+    of the rounds' rates: the same for an odd number of rounds, not for an even one)."""
+    if not costs:
+        return None
+    if work_unit is None:
+        return median(costs)
+    return 1e6 / median([1e6 / c for c in costs])
+
+
+def _per_round(fn: Callable[[Dict[str, float]], Optional[float]], costs: Dict[str, List[float]]) -> List[float]:
+    """fn over each round's times ({impl: rounds}, timed in the same interleaved rounds): the ratio's spread."""
+    counts = {len(c) for c in costs.values() if c}
     if len(counts) != 1:
         return []
     values = []
     for i in range(counts.pop()):
-        v = fn({e.impl: e.rounds_ms[i] for e in entries if e.rounds_ms})
+        v = fn({impl: c[i] for impl, c in costs.items() if c})
         if v is not None:
             values.append(v)
     return values
+
+
+def _paired_median(values: Sequence[float], at_least: bool) -> Optional[float]:
+    """The median of a target's per-round values; of an even number, the middle one nearer to missing the bound
+    (the mean of the two can be inf, and a bound between them is "not resolved" anyway)."""
+    if not values:
+        return None
+    return statistics.median_low(values) if at_least else statistics.median_high(values)
 
 
 def judge(value: Optional[float], spread: Sequence[float], bound: float, at_least: bool,
@@ -236,13 +280,21 @@ def judge(value: Optional[float], spread: Sequence[float], bound: float, at_leas
 
 def evaluate(group: Group) -> Tuple[List[dict], List[dict]]:
     """(a row per entry, a result per target) of a checked and timed group."""
+    unit = group.work_unit
+    time_unit = MS_PER_CALL if unit is None else f"ms per 1000 {unit}"
+    costs = {id(e): _cost_rounds(e, unit) for e in group.entries}
+
+    def by_impl(direction: str) -> Dict[str, List[float]]:
+        return {e.impl: costs[id(e)] for e in group.entries if e.direction == direction and e.rounds_ms}
+
+    def medians(direction: str) -> Dict[str, float]:
+        return {impl: _cost_median(c, unit) for impl, c in by_impl(direction).items()}
+
     target_results = []
     for t in group.targets:
-        same = [e for e in group.entries if e.direction == t.direction]
-        medians = {e.impl: median(e.rounds_ms) for e in same if e.rounds_ms}
-        value = t.value(medians)
-        spread = _per_round(t.value, same)
-        rounds = max((len(e.rounds_ms) for e in same), default=0)
+        spread = _per_round(t.value, by_impl(t.direction))
+        value = _paired_median(spread, t.at_least) if t.paired else t.value(medians(t.direction))
+        rounds = max((len(c) for c in by_impl(t.direction).values()), default=0)
         target_results.append({
             "bench": group.bench, "case": group.case, "shape": group.shape, "device": group.device,
             "dtype": group.dtype, "direction": t.direction, "impl": t.impl, "text": t.text, "bound": t.bound,
@@ -251,17 +303,20 @@ def evaluate(group: Group) -> Tuple[List[dict], List[dict]]:
             "headline": t.headline or group.headline})
     rows = []
     for e in group.entries:
+        mine_ms = costs[id(e)]
         row = {"bench": group.bench, "case": group.case, "impl": e.impl, "device": group.device,
                "dtype": group.dtype, "shape": group.shape, "direction": e.direction,
-               "median_ms": median(e.rounds_ms), "iqr_ms": iqr(e.rounds_ms), "rounds": len(e.rounds_ms),
+               "median_ms": _cost_median(mine_ms, unit), "iqr_ms": iqr(mine_ms), "rounds": len(mine_ms),
                "matches_reference": e.matches_reference, "max_err": e.max_err, "tolerance": e.tolerance,
                "name": e.name, "peer": group.peer, "headline": group.headline,
-               "best_ms": min(e.rounds_ms) if e.rounds_ms else None, "rounds_ms": list(e.rounds_ms)}
-        same = [x for x in group.entries if x.direction == e.direction]
+               "best_ms": min(mine_ms) if mine_ms else None, "rounds_ms": mine_ms, "time_unit": time_unit}
+        if unit is not None:
+            row.update(work=e.work, work_unit=unit,
+                       work_per_s=median([1e6 / c for c in mine_ms]) if mine_ms else None)
         for other, key in ((group.published, "ratio_vs_published"), (group.peer, "ratio_vs_peer")):
             ratio = faster(e.impl, other) if other and other != e.impl else (lambda ms: None)
-            row[key] = ratio({x.impl: median(x.rounds_ms) for x in same if x.rounds_ms})
-            spread = _per_round(ratio, same) if row[key] is not None else []
+            row[key] = ratio(medians(e.direction))
+            spread = _per_round(ratio, by_impl(e.direction)) if row[key] is not None else []
             row[f"{key}_low"], row[f"{key}_high"] = (min(spread), max(spread)) if spread else (None, None)
         mine = [r for r in target_results if r["impl"] == e.impl and r["direction"] == e.direction]
         row["target"] = "; ".join(r["text"] for r in mine) or None
@@ -462,10 +517,17 @@ def summary_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def time_header(rows: Sequence[dict]) -> str:
+    """What the rows' median_ms measures: "ms" (per call) or "ms per 1000 real tokens"; mixed units are named."""
+    units = list(dict.fromkeys(r.get("time_unit") or MS_PER_CALL for r in rows))
+    return "ms" if units == [MS_PER_CALL] else " / ".join(units)
+
+
 def _group_table(rows: Sequence[dict]) -> List[str]:
-    tokens = any(r.get("tokens_per_s") for r in rows)
-    header = ["implementation", "direction", "median ms", "IQR ms", "rounds", "matches ref", "max err",
-              "vs published", "vs peer"] + (["real tok/s"] if tokens else []) + ["target"]
+    work_units = list(dict.fromkeys(r["work_unit"] for r in rows if r.get("work_per_s")))
+    unit = time_header(rows)
+    header = ["implementation", "direction", f"median {unit}", f"IQR {unit}", "rounds", "matches ref", "max err",
+              "vs published", "vs peer"] + [f"{u}/s" for u in work_units] + ["target"]
     lines = []
     for r in rows:
         status = "" if not r.get("target") else "; ".join(
@@ -475,7 +537,8 @@ def _group_table(rows: Sequence[dict]) -> List[str]:
         lines.append([r.get("name") or r["impl"], r["direction"], fmt(r.get("median_ms"), ".4g"),
                       fmt(r.get("iqr_ms"), ".2g"), str(r.get("rounds", 0)), check, fmt(r.get("max_err"), ".2e"),
                       ratio_text(r, "ratio_vs_published"), ratio_text(r, "ratio_vs_peer")]
-                     + ([fmt(r.get("tokens_per_s"), ",.0f")] if tokens else []) + [status])
+                     + [fmt(r.get("work_per_s"), ",.0f") if r.get("work_unit") == u else "-" for u in work_units]
+                     + [status])
     return _table(header, lines)
 
 
@@ -511,6 +574,8 @@ def compare_rows(a_rows: Sequence[dict], b_rows: Sequence[dict]) -> List[dict]:
         a = a_by.get(key)
         if a is None or not a.get("median_ms") or not b.get("median_ms"):
             continue
+        if (a.get("time_unit") or MS_PER_CALL) != (b.get("time_unit") or MS_PER_CALL):
+            continue  # ms per call against ms per 1000 tokens: not the same measure
         ratio = b["median_ms"] / a["median_ms"]
         sa, sb = relative_spread(a), relative_spread(b)
         noise = None if sa is None or sb is None else sa + sb

@@ -216,3 +216,42 @@ def test_cuda_task_sum_is_the_fixed_order_fp64_sum():
     torch.testing.assert_close(sums, per_task_sum(partials, index, 6), rtol=1e-6, atol=0)
     again = cuda_ext.per_task_sums([partials, partials], index, 6)
     assert all(torch.equal(a.view(torch.int32), sums.view(torch.int32)) for a in again)
+
+
+SANITIZED_CASE = """
+import torch
+import camtl
+from camtl import ops
+torch.manual_seed(0)
+B, L, D, G = 3, 5, 129, 4  # odd D: the scalar tail; a task absent
+x = torch.randn(B, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+res = torch.randn_like(x, requires_grad=True)
+w, b = (torch.randn(D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+gamma, beta = (torch.randn(G, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+index = torch.tensor([0, 2, 0], device="cuda")
+with camtl.use_backend("cuda"):
+    y = ops.conditional_layer_norm(x, w, b, gamma, beta, index, 1e-5, res)
+    z = ops.film(x, gamma, beta, index)
+    (y.float().square().sum() + z.float().sum()).backward()
+torch.cuda.synchronize()
+print("case ran")
+"""
+
+
+def test_compute_sanitizer_finds_no_error_in_a_small_case(tmp_path):
+    """compute-sanitizer (memcheck) over the cuda backend's layer norm and FiLM, forward and backward, and the
+    per-task sums, at an odd D: no out-of-bounds or misaligned access, no CUDA API error."""
+    import shutil
+    import subprocess
+    import sys
+
+    tool = shutil.which("compute-sanitizer")
+    if tool is None:
+        pytest.skip("compute-sanitizer is not on this machine's PATH (it comes with the CUDA toolkit)")
+    script = tmp_path / "case.py"
+    script.write_text(SANITIZED_CASE)
+    done = subprocess.run([tool, "--tool", "memcheck", "--error-exitcode", "3", sys.executable, str(script)],
+                          capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0 and "case ran" in out, out[-4000:]
+    assert "ERROR SUMMARY: 0 errors" in out, out[-4000:]
