@@ -506,7 +506,7 @@ def _bwd_dtable_kernel(DS_SUM, INDEX, DTABLE, CU_SEQLENS, B, GROUPS, L, LB, C, L
 # pass takes a 32-wide tile on its inner loop (the key tile in dQ, the query tile in dK/dV): wgmma needs the
 # program's own tile to be 64 rows.
 _HOPPER_TILES = {
-    64: dict(fwd=(64, 64, 4), dq=(64, 64, 8), dkdv=(64, 64, 8)),
+    64: dict(fwd=(64, 64, 4), dq=(64, 64, 8), dkdv=(32, 64, 8)),
     128: dict(fwd=(64, 64, 8), dq=(64, 32, 8), dkdv=(32, 64, 8)),
     256: dict(fwd=(64, 32, 8), dq=(64, 32, 8), dkdv=(16, 64, 8)),
 }
