@@ -206,20 +206,19 @@ def on_backend(name: str, op: str, device: torch.device):
 CAMTL_KEYS = ("camtl", "cuda", "torch")  # rows of the code under test: an error fails the bench
 
 
+def backend_rows(fn: Callable, leaves: Tuple[str, ...], op: str, device: torch.device) -> List[Impl]:
+    """camtl's rows of one op: triton, cuda (camtl._C, only where it runs) and the torch backend."""
+    names = {"camtl": "triton", "cuda": "cuda", "torch": "torch"}
+    labels = {"camtl": "camtl triton", "cuda": "camtl cuda (camtl._C)", "torch": "camtl torch backend"}
+    keys = [k for k in names if k != "cuda" or cuda_backend_problem(device) is None]
+    return [Impl(k, labels[k], fn, leaves, context=lambda name=names[k]: on_backend(name, op, device)) for k in keys]
+
+
 def implementations(device: torch.device) -> Dict[str, List[Impl]]:
-    """The rows of each op; the cuda backend's rows (camtl._C) only where it runs."""
+    """The rows of each op."""
     no_cond = dict(comparable=False, note="n/a (no conditioning)")
-    cuda = cuda_backend_problem(device) is None
     return {
-        "cln": [
-            Impl("camtl", "camtl triton", cln_camtl, CLN_LEAVES,
-                 context=lambda: on_backend("triton", "conditional_layer_norm", device)),
-        ] + ([
-            Impl("cuda", "camtl cuda (camtl._C)", cln_camtl, CLN_LEAVES,
-                 context=lambda: on_backend("cuda", "conditional_layer_norm", device)),
-        ] if cuda else []) + [
-            Impl("torch", "camtl torch backend", cln_camtl, CLN_LEAVES,
-                 context=lambda: on_backend("torch", "conditional_layer_norm", device)),
+        "cln": backend_rows(cln_camtl, CLN_LEAVES, "conditional_layer_norm", device) + [
             Impl("published", "published loop over tasks", cln_published, CLN_LEAVES),
             Impl("bound", "F.layer_norm(x + res), no cond.", ln_bound, ("x", "residual", "weight", "bias"),
                  **no_cond),
@@ -230,14 +229,7 @@ def implementations(device: torch.device) -> Dict[str, List[Impl]]:
             Impl("published", "published FiLM + 2 Linear", bn_published, BN_LEAVES),
             Impl("bound", "2 plain Linear, no FiLM", bn_bound, ("x", "w_down", "b_down", "w_up", "b_up"), **no_cond),
         ],
-        "film": [
-            Impl("camtl", "camtl triton", film_camtl, FILM_LEAVES, context=lambda: on_backend("triton", "film", device)),
-        ] + ([
-            Impl("cuda", "camtl cuda (camtl._C)", film_camtl, FILM_LEAVES,
-                 context=lambda: on_backend("cuda", "film", device)),
-        ] if cuda else []) + [
-            Impl("torch", "camtl torch backend", film_camtl, FILM_LEAVES,
-                 context=lambda: on_backend("torch", "film", device)),
+        "film": backend_rows(film_camtl, FILM_LEAVES, "film", device) + [
             Impl("published", "published gather + broadcast", film_published, FILM_LEAVES),
             Impl("bound", "x * w + b, no cond.", affine_bound, ("x", "weight", "bias"), **no_cond),
         ],
