@@ -130,4 +130,24 @@ template <typename T> constexpr int kVec16 = 16 / static_cast<int>(sizeof(T));
 
 CAMTL_HD bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
+// ---- dispatch over (dtype, VEC, one flag): Launcher::run<T, VEC, FLAG>(), shared by every kernel file ----------
+
+template <typename T, int VEC, class Launcher> int dispatch_flag(bool flag, Launcher& launcher) {
+  return flag ? launcher.template run<T, VEC, true>() : launcher.template run<T, VEC, false>();
+}
+
+template <typename T, class Launcher> int dispatch_vec(bool vec16, bool flag, Launcher& launcher) {
+  return vec16 ? dispatch_flag<T, kVec16<T>>(flag, launcher) : dispatch_flag<T, 1>(flag, launcher);
+}
+
+// VEC is kVec16<T> (16-byte vectors) when vec16, else 1; a dtype other than the three returns bad_dtype.
+template <class Launcher> int dispatch(int dtype, bool vec16, bool flag, Launcher& launcher, int bad_dtype) {
+  switch (dtype) {
+    case kFloat32: return dispatch_vec<float>(vec16, flag, launcher);
+    case kFloat16: return dispatch_vec<half_t>(vec16, flag, launcher);
+    case kBFloat16: return dispatch_vec<bfloat16_t>(vec16, flag, launcher);
+    default: return bad_dtype;
+  }
+}
+
 }  // namespace camtl

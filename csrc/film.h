@@ -290,23 +290,9 @@ CAMTL_HD void bwd_block(const Block& block, const BwdArgs& a, int64_t id) {
     bwd_chunk<T, VEC>(block, a, rest / a.chunks, chunk, tile);
 }
 
-// ---- dispatch over (dtype, VEC, shared x): Launcher::run<T, VEC, SHARED>() -------------------------------------
-
-template <typename T, int VEC, class Launcher> int dispatch_shared(bool shared_x, Launcher& launcher) {
-  return shared_x ? launcher.template run<T, VEC, true>() : launcher.template run<T, VEC, false>();
-}
-
-template <typename T, class Launcher> int dispatch_vec(bool vec16, bool shared_x, Launcher& launcher) {
-  return vec16 ? dispatch_shared<T, kVec16<T>>(shared_x, launcher) : dispatch_shared<T, 1>(shared_x, launcher);
-}
-
+// Launcher::run<T, VEC, SHARED>() for (dtype, 16-byte vectors, shared x).
 template <class Launcher> int dispatch(int dtype, bool vec16, bool shared_x, Launcher& launcher) {
-  switch (dtype) {
-    case kFloat32: return dispatch_vec<float>(vec16, shared_x, launcher);
-    case kFloat16: return dispatch_vec<half_t>(vec16, shared_x, launcher);
-    case kBFloat16: return dispatch_vec<bfloat16_t>(vec16, shared_x, launcher);
-    default: return cln::kBadDType;
-  }
+  return camtl::dispatch(dtype, vec16, shared_x, launcher, cln::kBadDType);
 }
 
 }  // namespace film

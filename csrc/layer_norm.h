@@ -382,23 +382,9 @@ CAMTL_UNROLL
   });
 }
 
-// ---- dispatch over (dtype, VEC, residual): Launcher::run<T, VEC, RES>() -----------------------------------
-
-template <typename T, int VEC, class Launcher> int dispatch_res(bool residual, Launcher& launcher) {
-  return residual ? launcher.template run<T, VEC, true>() : launcher.template run<T, VEC, false>();
-}
-
-template <typename T, class Launcher> int dispatch_vec(bool vec16, bool residual, Launcher& launcher) {
-  return vec16 ? dispatch_res<T, kVec16<T>>(residual, launcher) : dispatch_res<T, 1>(residual, launcher);
-}
-
+// Launcher::run<T, VEC, RES>() for (dtype, 16-byte vectors, residual).
 template <class Launcher> int dispatch(int dtype, bool vec16, bool residual, Launcher& launcher) {
-  switch (dtype) {
-    case kFloat32: return dispatch_vec<float>(vec16, residual, launcher);
-    case kFloat16: return dispatch_vec<half_t>(vec16, residual, launcher);
-    case kBFloat16: return dispatch_vec<bfloat16_t>(vec16, residual, launcher);
-    default: return kBadDType;
-  }
+  return camtl::dispatch(dtype, vec16, residual, launcher, kBadDType);
 }
 
 }  // namespace cln
