@@ -295,7 +295,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, n0, offs_m, offs_n_base, of
         s += tl.load(key_bias_row + offs_n, mask=n_ok, other=0.0)[None, :] * LOG2E
     p = tl.exp2(s - lse2[:, None])  # keys past L: k = 0 and s = 0, but their dS is never used (k = 0, not stored)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    if DROPOUT:  # dS / (1 - p)^-1 = P ∘ (dP ∘ Z - Δ (1 - p)): the scale is applied once, to dQ and in dtable
+    if DROPOUT:  # dS·(1 - p) = P ∘ (dP ∘ Z - Δ·(1 - p)): 1 / (1 - p) is applied once, to dQ and in dtable
         dp = tl.where(_keep_bits(mask_rows, offs_m, n0, L, BLOCK_M, BLOCK_N, WORD) != 0, dp, 0.0)
     ds = p * (dp - delta[:, None])
     if not EVEN:
@@ -499,23 +499,38 @@ def _bwd_dtable_kernel(DS_SUM, INDEX, DTABLE, CU_SEQLENS, B, GROUPS, L, LB, C, L
              total.to(tl.float32).to(DTABLE.dtype.element_ty), mask=(offs_m[:, None] < L_MAX) & (offs_c[None, :] < C))
 
 
-# (BLOCK_M query tile, BLOCK_N key tile, num_warps) per pass, by GPU family and head dim (BLOCK_D up to the key).
-# Key tiles are multiples of the dropout word (32 bits).
+# (BLOCK_M query tile, BLOCK_N key tile, num_warps, num_stages) per pass, by GPU family and head dim (BLOCK_D up to
+# the key). Key tiles are multiples of the dropout word (32 bits).
 # Each is the largest tile that compiles with 0 spill bytes and the arch's tensor-core op (wgmma on sm_90, mma.sync
-# on sm_80), dropout and key padding on or off: `make kernel-report` shows it. Where a [64, d] tile spills, the
-# pass takes a 32-wide tile on its inner loop (the key tile in dQ, the query tile in dK/dV): wgmma needs the
-# program's own tile to be 64 rows.
-_HOPPER_TILES = {
-    64: dict(fwd=(64, 64, 4), dq=(64, 64, 8), dkdv=(32, 64, 8)),
-    128: dict(fwd=(64, 64, 8), dq=(64, 32, 8), dkdv=(32, 64, 8)),
-    256: dict(fwd=(64, 32, 8), dq=(64, 32, 8), dkdv=(16, 64, 8)),
-}
-_AMPERE_TILES = {  # sm_80, sm_86, sm_89, and GPUs this table does not know (the smaller tiles are the safe side)
-    64: dict(fwd=(64, 64, 4), dq=(64, 32, 8), dkdv=(64, 32, 8)),
-    128: dict(fwd=(64, 64, 4), dq=(64, 64, 8), dkdv=(64, 64, 8)),
-    256: dict(fwd=(64, 32, 8), dq=(64, 32, 8), dkdv=(16, 64, 8)),
+# on sm_80), dropout and key padding on or off, within the family's shared memory per block: `make kernel-report`
+# shows sm_90a and sm_80. Where a [64, d] tile spills, the pass takes a 32-wide tile on its inner loop (the key
+# tile in dQ, the query tile in dK/dV): wgmma needs the program's own tile to be 64 rows.
+_TILES = {
+    "sm_90": {  # H100, H200: 227 KB of shared memory per block
+        64: dict(fwd=(64, 64, 4, 3), dq=(64, 64, 8, 3), dkdv=(32, 64, 8, 3)),
+        128: dict(fwd=(64, 64, 8, 3), dq=(64, 32, 8, 3), dkdv=(32, 64, 8, 3)),
+        256: dict(fwd=(64, 32, 8, 3), dq=(64, 32, 8, 3), dkdv=(16, 64, 8, 3)),
+    },
+    "sm_80": {  # A100 (163 KB), and GPUs this table does not name
+        64: dict(fwd=(64, 64, 4, 3), dq=(64, 32, 8, 3), dkdv=(64, 32, 8, 3)),
+        128: dict(fwd=(64, 64, 4, 3), dq=(64, 64, 8, 3), dkdv=(64, 64, 8, 3)),
+        256: dict(fwd=(64, 32, 8, 3), dq=(64, 32, 8, 3), dkdv=(16, 64, 8, 3)),
+    },
+    "99kb": {  # sm_86, sm_89, sm_120 (A10, L4, L40, RTX 30xx-50xx): 99 KB per block, so fewer pipeline stages
+        64: dict(fwd=(64, 64, 4, 3), dq=(64, 32, 8, 3), dkdv=(64, 32, 8, 3)),
+        128: dict(fwd=(64, 64, 8, 2), dq=(64, 64, 8, 2), dkdv=(64, 64, 8, 2)),
+        256: dict(fwd=(64, 32, 8, 2), dq=(64, 32, 8, 1), dkdv=(16, 64, 8, 2)),
+    },
 }
 PASSES = ("fwd", "dq", "dkdv")
+
+
+def _tile_family(capability) -> str:
+    if capability[0] == 9:
+        return "sm_90"
+    if capability in ((8, 6), (8, 9)) or capability[0] == 12:
+        return "99kb"
+    return "sm_80"
 
 
 def _configs(q: torch.Tensor):
@@ -524,7 +539,7 @@ def _configs(q: torch.Tensor):
 
 
 def _configs_for(d: int, dtype: torch.dtype, capability=None):
-    """{"fwd" | "dq" | "dkdv": dict(BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION, num_warps)}.
+    """{"fwd" | "dq" | "dkdv": dict(BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION, num_warps, num_stages)}.
 
     capability is the GPU's (major, minor), or None under the interpreter, where every tile is 16x16 (the
     interpreter is slow: small tiles keep test shapes cheap).
@@ -532,12 +547,12 @@ def _configs_for(d: int, dtype: torch.dtype, capability=None):
     block_d = max(16, triton.next_power_of_2(d))
     upcast, precision = dot_flags(dtype)
     if capability is None or interpreting():
-        tiles = {name: (16, 16, 4) for name in PASSES}
+        tiles = {name: (16, 16, 4, 1) for name in PASSES}
     else:
-        table = _HOPPER_TILES if capability[0] == 9 else _AMPERE_TILES
-        tiles = table[max(64, block_d)]
-    return {name: dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=block_d, UPCAST=upcast, PRECISION=precision, num_warps=w)
-            for name, (m, n, w) in tiles.items()}
+        tiles = _TILES[_tile_family(capability)][max(64, block_d)]
+    return {name: dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=block_d, UPCAST=upcast, PRECISION=precision, num_warps=w,
+                       num_stages=stages)
+            for name, (m, n, w, stages) in tiles.items()}
 
 
 def _word() -> int:

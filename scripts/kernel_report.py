@@ -52,9 +52,10 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Dict, List, Optional
 
-ARCHS = {"sm_90a": 90, "sm_80": 80}
-# The GPU each arch's launches are recorded for: (compute capability, SM count) of an H100 SXM and an A100.
-SIMULATED_GPUS = {"sm_90a": ((9, 0), 132), "sm_80": ((8, 0), 108)}
+ARCHS = {"sm_90a": 90, "sm_80": 80, "sm_86": 86}
+DEFAULT_ARCHS = ("sm_90a", "sm_80")  # sm_86 (99 KB of shared memory per block) on request: --arch sm_86
+# The GPU each arch's launches are recorded for: (compute capability, SM count) of an H100 SXM, an A100, an A10.
+SIMULATED_GPUS = {"sm_90a": ((9, 0), 132), "sm_80": ((8, 0), 108), "sm_86": ((8, 6), 72)}
 DTYPES = ("fp16", "bf16")
 HEAD_DIMS = (32, 64, 128)
 HIDDEN_SIZES = (768, 1024)
@@ -163,7 +164,7 @@ def _arg_spec(arg):
     return arg
 
 
-def collect_configs(archs=tuple(ARCHS), dtypes=DTYPES, head_dims=HEAD_DIMS, hidden_sizes=HIDDEN_SIZES,
+def collect_configs(archs=DEFAULT_ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, hidden_sizes=HIDDEN_SIZES,
                     kernels: Optional[List[str]] = None) -> List[dict]:
     """Every (kernel, arch, configuration) to compile, as picklable jobs."""
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -444,7 +445,7 @@ def _row_order(row: dict):
     family = 0 if row["kernel"].startswith("attention") else 1
     kernel = _KERNEL_ORDER.index(row["kernel"]) if row["kernel"] in _KERNEL_ORDER else len(_KERNEL_ORDER)
     size = row["head_dim"] if family == 0 else row["hidden_size"]
-    return (family, row["arch"] != "sm_90a", row["dtype"], size, row["kernel"].endswith("_varlen"),
+    return (family, list(ARCHS).index(row["arch"]), row["dtype"], size, row["kernel"].endswith("_varlen"),
             row["yardstick"], row["dropout"],
             bool(row["key_padding"]), kernel if family == 0 else 0, kernel, row["variant"])
 
@@ -454,7 +455,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.environ.get("KERNEL_REPORT_OUT", ".benchmarks/kernel-report"),
                         help="folder for kernel-report.json (default $KERNEL_REPORT_OUT or .benchmarks/kernel-report)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compiler processes")
-    parser.add_argument("--arch", nargs="+", choices=sorted(ARCHS), default=list(ARCHS))
+    parser.add_argument("--arch", nargs="+", choices=sorted(ARCHS), default=list(DEFAULT_ARCHS),
+                        help="default: %(default)s")
     parser.add_argument("--dtype", nargs="+", choices=DTYPES, default=list(DTYPES))
     parser.add_argument("--head-dim", nargs="+", type=int, default=list(HEAD_DIMS))
     parser.add_argument("--hidden", nargs="+", type=int, default=list(HIDDEN_SIZES))

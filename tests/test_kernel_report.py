@@ -154,3 +154,20 @@ def test_each_arch_records_the_tiles_chosen_for_it(monkeypatch):
     assert tiles[("attention_bwd_dkdv", "sm_80", 128)] == (64, 64, 8)
     assert tiles[("attention_fwd", "sm_90a", 128)] == (64, 64, 8)
     assert tiles[("attention_fwd", "sm_80", 128)] == (64, 64, 4)
+
+
+def test_sm86_tiles_fit_its_99_kb_of_shared_memory(tmp_path):
+    """On sm_86 (A10, RTX 30xx: 99 KB of shared memory per block) the d128 dK/dV kernel, the largest in shared
+    memory, compiles within 99 KB with no spills, dropout and key padding on or off (3 stages of sm_80's tiles need
+    up to 138 KB: the launch would fail). The report's real path, in a subprocess (no interpreter)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--arch", "sm_86", "--dtype", "bf16", "--head-dim",
+         "128", "--hidden", "768", "--kernel", "attention_bwd_dkdv", "--no-progress", "--jobs", "2"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "kernel-report.json").read_text())["rows"]
+    assert len(rows) == 5 and {r["arch"] for r in rows} == {"sm_86"}
+    for row in rows:
+        assert row["num_stages"] == 2 and row["smem_bytes"] <= 99 * 1024 and row["spill_bytes"] == 0, row
+        assert row["tensor_core_op"] == "mma.sync"

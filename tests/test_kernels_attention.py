@@ -375,6 +375,12 @@ def test_gpu_tiles_fit_the_head_dim_and_the_dropout_words(capability, d, monkeyp
         assert cfg["BLOCK_N"] % word == 0 and cfg["BLOCK_M"] >= 16 and cfg["num_warps"] in (4, 8), (name, cfg)
     if capability[0] == 9:
         assert configs["fwd"]["BLOCK_M"] == configs["dq"]["BLOCK_M"] == configs["dkdv"]["BLOCK_N"] == 64
+    # GPUs with 99 KB of shared memory per block (sm_86, sm_89, sm_120) pipeline d > 64 in fewer stages: 3 stages of
+    # [64, 128] tiles need 120-140 KB (sm_86 compiles, checked with the kernel report's compiler)
+    family = attention_kernels._tile_family(capability)
+    assert family == {9: "sm_90", 12: "99kb"}.get(capability[0], "99kb" if capability in ((8, 6), (8, 9)) else "sm_80")
+    if family == "99kb" and d > 64:
+        assert all(cfg["num_stages"] <= 2 for cfg in configs.values()), configs
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert all(cfg["BLOCK_M"] == cfg["BLOCK_N"] == 16 for cfg in attention_kernels._configs_for(d, torch.float32,
                                                                                                capability).values())
