@@ -227,3 +227,21 @@ def test_info_says_which_path_float32_cuda_takes(requested, allowed, path, tf32,
     lines = text.splitlines()
     at = [i for i, row in enumerate(lines) if row.startswith("float32 CUDA")]
     assert at and lines[at[0]].endswith(f"run on: {path}") and fp32["reason"] in lines[at[0] + 1]
+
+
+def test_gpus_older_than_ampere_run_the_torch_backend(monkeypatch):
+    """On a pre-Ampere GPU (a T4 is sm_75) auto picks torch for every op, and a named kernel backend says why it
+    cannot run, instead of launching kernels tiled for sm_80's shared memory (or bf16 it lacks)."""
+    from camtl import backends
+
+    monkeypatch.setattr(backends, "_cuda_capability", lambda: (7, 5))
+    backends.backend_state.cache_clear()
+    monkeypatch.setattr(backends, "backend_state", lambda name: backends.BackendState(
+        name, True, "stand-in", tuple(backends.implemented_ops("triton"))))
+    for op in ("film", "conditional_layer_norm", "conditional_attention"):
+        assert backends.resolve(op, CUDA, dtype=torch.bfloat16)[0] == "torch"
+        with camtl.use_backend("triton"), pytest.raises(backends.BackendUnavailableError,
+                                                        match=r"compute capability 8\.0 or newer.*sm_75"):
+            backends.resolve(op, CUDA, dtype=torch.bfloat16)
+    monkeypatch.setattr(backends, "_cuda_capability", lambda: (8, 0))
+    assert backends.resolve("film", CUDA, dtype=torch.bfloat16)[0] == "triton"

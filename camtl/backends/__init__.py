@@ -201,6 +201,16 @@ def use_backend(name: str) -> Iterator[None]:
         _override.reset(token)
 
 
+# The fused kernels' floor: Ampere (bf16 tensor cores, and the tiles' shared memory; camtl._C is built for sm_80+).
+MIN_CAPABILITY = (8, 0)
+
+
+def _cuda_capability() -> Optional[Tuple[int, int]]:
+    """The compute capability of the current CUDA device (the one new CUDA tensors go to); None without CUDA (a
+    device descriptor asked about on a CPU machine)."""
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+
+
 def _runs_on(state: BackendState, op: str, device: torch.device,
              dtype: Optional[torch.dtype] = None) -> Optional[str]:
     """None if the backend can run ``op`` on ``device`` with inputs of ``dtype``, else the reason it cannot."""
@@ -210,6 +220,11 @@ def _runs_on(state: BackendState, op: str, device: torch.device,
         return f"it does not implement {op!r} (it implements {', '.join(state.ops) or 'nothing'})"
     if state.name == "cuda" and device.type != "cuda":
         return f"it runs on CUDA tensors only, got {device.type} tensors"
+    if state.name in ("triton", "cuda") and device.type == "cuda":
+        capability = _cuda_capability()
+        if capability is not None and capability < MIN_CAPABILITY:
+            return (f"its kernels need a GPU of compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer "
+                    f"(bf16, tile sizes, shared memory), this one is sm_{capability[0]}{capability[1]}")
     if state.name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return f"it runs on CUDA tensors (or CPU ones under TRITON_INTERPRET=1), got {device.type} tensors"
     if state.name == "triton":
