@@ -245,3 +245,16 @@ def test_gpus_older_than_ampere_run_the_torch_backend(monkeypatch):
             backends.resolve(op, CUDA, dtype=torch.bfloat16)
     monkeypatch.setattr(backends, "_cuda_capability", lambda: (8, 0))
     assert backends.resolve("film", CUDA, dtype=torch.bfloat16)[0] == "triton"
+
+
+def test_info_says_a_pre_ampere_gpu_runs_no_fused_kernel(monkeypatch):
+    from camtl import backends
+
+    monkeypatch.setattr(backends, "_cuda_capability", lambda: (7, 0))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    backends.backend_state.cache_clear()
+    try:
+        state = backends.backend_state("triton")
+        assert state.available is False and "sm_70" in state.reason, state
+    finally:
+        backends.backend_state.cache_clear()

@@ -138,7 +138,8 @@ def _triton_state() -> BackendState:
         return BackendState("triton", False, missing, ())
     ops = implemented_ops("triton")
     if torch.cuda.is_available():
-        return BackendState("triton", True, "CUDA tensors", ops)
+        old_gpu = _old_gpu()
+        return BackendState("triton", old_gpu is None, old_gpu or "CUDA tensors", ops)
     if os.environ.get("TRITON_INTERPRET") == "1":
         return BackendState("triton", True, "CPU tensors under TRITON_INTERPRET=1", ops)
     return BackendState("triton", False, "no CUDA device, and TRITON_INTERPRET=1 is not set", ops)
@@ -159,7 +160,8 @@ def _cuda_state() -> BackendState:
         return BackendState("cuda", False, f"{built}, but it implements no ops", ())
     if not torch.cuda.is_available():
         return BackendState("cuda", False, f"no CUDA device is visible to torch ({built})", ops)
-    return BackendState("cuda", True, f"CUDA tensors ({built})", ops)
+    old_gpu = _old_gpu()
+    return BackendState("cuda", old_gpu is None, f"{old_gpu or 'CUDA tensors'} ({built})", ops)
 
 
 @functools.lru_cache(maxsize=None)
@@ -211,6 +213,15 @@ def _cuda_capability() -> Optional[Tuple[int, int]]:
     return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
 
 
+def _old_gpu() -> Optional[str]:
+    """Why the current CUDA device is too old for the fused kernels, or None."""
+    capability = _cuda_capability()
+    if capability is None or capability >= MIN_CAPABILITY:
+        return None
+    return (f"its kernels need a GPU of compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer "
+            f"(bf16, tile sizes, shared memory), this one is sm_{capability[0]}{capability[1]}")
+
+
 def _runs_on(state: BackendState, op: str, device: torch.device,
              dtype: Optional[torch.dtype] = None) -> Optional[str]:
     """None if the backend can run ``op`` on ``device`` with inputs of ``dtype``, else the reason it cannot."""
@@ -220,11 +231,8 @@ def _runs_on(state: BackendState, op: str, device: torch.device,
         return f"it does not implement {op!r} (it implements {', '.join(state.ops) or 'nothing'})"
     if state.name == "cuda" and device.type != "cuda":
         return f"it runs on CUDA tensors only, got {device.type} tensors"
-    if state.name in ("triton", "cuda") and device.type == "cuda":
-        capability = _cuda_capability()
-        if capability is not None and capability < MIN_CAPABILITY:
-            return (f"its kernels need a GPU of compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer "
-                    f"(bf16, tile sizes, shared memory), this one is sm_{capability[0]}{capability[1]}")
+    if state.name in ("triton", "cuda") and device.type == "cuda" and _old_gpu() is not None:
+        return _old_gpu()
     if state.name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return f"it runs on CUDA tensors (or CPU ones under TRITON_INTERPRET=1), got {device.type} tensors"
     if state.name == "triton":
