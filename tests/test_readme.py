@@ -134,8 +134,10 @@ def test_every_option_the_readme_names_exists(capsys):
         assert done.value.code in (0, None)
     helps = capsys.readouterr().out
     not_camtl = {"--nproc_per_node", "--index-url"}  # torchrun's and pip's
-    # the benchmark suite's own pytest options (make bench BENCH_ARGS=...)
-    not_camtl |= set(re.findall(r'addoption\(\s*"(--[a-z][a-z0-9_-]*)"', (ROOT / "benchmarks" / "conftest.py").read_text()))
+    # the benchmark suite's own pytest options (make bench BENCH_ARGS=...) and the kernel report's
+    # (make kernel-report KERNEL_REPORT_ARGS=...)
+    for declared, path in (("addoption", "benchmarks/conftest.py"), ("add_argument", "scripts/kernel_report.py")):
+        not_camtl |= set(re.findall(declared + r'\(\s*"(--[a-z][a-z0-9_-]*)"', (ROOT / path).read_text()))
     named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", README.read_text())) - not_camtl
     missing = sorted(o for o in named if not re.search(re.escape(o) + r"\b", helps))
     assert not missing, f"the README names options no camtl command has: {missing}"
