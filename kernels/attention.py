@@ -14,7 +14,7 @@ The launches, per forward: ``_dense_bias_kernel`` expands T once into the
 dense per-task bias M·log2(e) [G, L, L] fp32 (256 KB per task at L = 128), so
 that the attention kernels read bias tiles as dense rows, and only on the key
 tiles that meet the diagonal band; with dropout, ``_dropout_mask_kernel``
-draws Z once as a bit mask [B·H, L, ⌈L/32⌉ words] (Philox4x32-10 on the
+draws Z once as a bit mask [B·H, L, 2·⌈L/64⌉ words] (Philox4x32-10 on the
 counter (i·L + j, b·H + h), the first output as a uniform, kept when >= p),
 which the forward and both backward kernels read; then ``_fwd_kernel``, the
 online softmax over key tiles in base 2 (scale·log2(e) is folded into one
@@ -43,6 +43,13 @@ and Δ are [H, N]; the dense bias, the dropout mask and DS_SUM are laid out
 for LB rows. The dropout counter is (i·Ls + j, s·H + h), i and j counted from
 the sequence start.
 
+Bounds: the loops over key tiles (query tiles in dK/dV) run full tiles only,
+with no bounds mask; a partial last tile, the tail, runs once after them with
+its masks (EVEN_N / EVEN_M compile it out when L is a multiple of the tile, as
+EVEN_D does the head-dim masks). A program's own rows past L load zeros, and
+its bias and dropout pointers read row L - 1 instead: computed, never stored.
+Packed sequences thus pay for masks on one tile per sequence, not on every tile.
+
 Offsets: the base of each (b, h) slab (b·stride_b or the sequence's first
 token · stride_l, h·stride_h, the LSE / Δ rows) is int64, since B·H·L·d can
 pass 2^31; offsets inside one slab stay int32: they need L times the row
@@ -66,13 +73,19 @@ LN2 = tl.constexpr(0.6931471805599453)  # and back: LSE = ln 2 · log2-sum-exp2
 
 
 @triton.jit
-def _load_tile(ptr, offs_r, offs_c, stride_r, stride_c, mask, EVEN: tl.constexpr, UPCAST: tl.constexpr):
-    """x[r, c] = ptr[offs_r[r]·stride_r + offs_c[c]·stride_c], 0 where masked (no mask when EVEN); fp32 if UPCAST."""
+def _load_tile(ptr, offs_r, offs_c, stride_r, stride_c, r_ok, c_ok, MASK_R: tl.constexpr, MASK_C: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """x[r, c] = ptr[offs_r[r]·stride_r + offs_c[c]·stride_c], 0 where r_ok[r] (if MASK_R) or c_ok[c] (if MASK_C)
+    is false; fp32 if UPCAST. Each mask is compiled in only where a tile can cross the bound."""
     ptrs = ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
-    if EVEN:
-        x = tl.load(ptrs)
+    if MASK_R and MASK_C:
+        x = tl.load(ptrs, mask=r_ok[:, None] & c_ok[None, :], other=0.0)
+    elif MASK_R:
+        x = tl.load(ptrs, mask=r_ok[:, None], other=0.0)
+    elif MASK_C:
+        x = tl.load(ptrs, mask=c_ok[None, :], other=0.0)
     else:
-        x = tl.load(ptrs, mask=mask, other=0.0)
+        x = tl.load(ptrs)
     if UPCAST:
         x = x.to(tl.float32)
     return x
@@ -127,22 +140,44 @@ def _loops(r0, L, C, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, HAS_BLOCK_BIA
 
 
 @triton.jit
-def _phase(phase: tl.constexpr, band_first, band_hi, after, L):
-    """[lo, hi) of loop phase 0 (before the band), 1 (on it) or 2 (after it)."""
+def _phase(phase: tl.constexpr, band_first, band_hi, after, L_full, EVEN: tl.constexpr):
+    """[lo, hi) of loop phase 0 (before the band), 1 (on it) or 2 (after it), over the full tiles [0, L_full)
+    (EVEN: L_full = L, which bounds the band already)."""
     if phase == 0:
-        return 0, band_first
+        return 0, band_first if EVEN else tl.minimum(band_first, L_full)
     elif phase == 1:
-        return band_first, band_hi
+        return band_first, band_hi if EVEN else tl.minimum(band_hi, L_full)
     else:
-        return after, L
+        return after, L_full
 
 
 @triton.jit
-def _keep_bits(MASK_ROWS, offs_r, n0, L, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, WORD: tl.constexpr):
-    """The keep mask of a [BLOCK_R, BLOCK_N] tile from the bit mask rows (WORD bits per int32 word), as int32 0/1."""
+def _full(L, BLOCK: tl.constexpr, EVEN: tl.constexpr):
+    """The end of the full tiles of BLOCK: the loops run [0, L_full) unmasked, and a partial tile at L_full, the
+    tail, runs once after them with its bounds masks. EVEN (L a multiple of BLOCK) compiles the tail out."""
+    if EVEN:
+        return L
+    else:
+        return L // BLOCK * BLOCK
+
+
+@triton.jit
+def _keep_bits(MASK_ROWS, n0, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, WORD: tl.constexpr):
+    """The keep mask of a [BLOCK_R, BLOCK_N] tile from the bit mask rows (WORD bits per int32 word), as int32 0/1.
+    The rows are padded to whole 64-key blocks of words (_mask_words), so a tile's words are always in them."""
     words = tl.load(MASK_ROWS + (n0 // WORD) + tl.arange(0, BLOCK_N // WORD)[None, :])
     bits = (words[:, :, None] >> tl.arange(0, WORD)[None, None, :]) & 1
     return tl.reshape(bits, [BLOCK_R, BLOCK_N])
+
+
+@triton.jit
+def _rows_in(offs, L, EVEN: tl.constexpr):
+    """Row indices for the loop's pointers (bias and dropout rows): a row past L reads row L - 1 (computed, never
+    stored), so those loads need no mask."""
+    if EVEN:
+        return offs
+    else:
+        return tl.minimum(offs, L - 1)
 
 
 @triton.jit
@@ -183,36 +218,36 @@ def _dropout_mask_kernel(MASK, CU_SEQLENS, H, L, LB, W, dropout_p, seed, BLOCK_M
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_m, offs_n_base, offs_d, d_ok, L, qk_scale, bias_rows,
-              key_bias_row, mask_rows, skl, skd, svl, svd,
-              WITH_BIAS: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EVEN: tl.constexpr,
-              UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              WORD: tl.constexpr):
-    """One key tile of the online softmax, in base 2."""
+def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_n_base, offs_d, d_ok, L, qk_scale, bias_rows,
+              key_bias_row, mask_rows, bias_hi, skl, skd, svl, svd,
+              WITH_BIAS: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, TAIL: tl.constexpr,
+              EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, WORD: tl.constexpr):
+    """One key tile of the online softmax, in base 2. A full tile (keys n0 .. n0 + BLOCK_N all < L) has no bounds
+    mask; the tail (TAIL) masks its keys past L, and its bias past bias_hi (L on the band, else 0)."""
     offs_n = n0 + offs_n_base
     n_ok = offs_n < L
-    kT = _load_tile(k_base, offs_d, offs_n, skd, skl, d_ok[:, None] & n_ok[None, :], EVEN, UPCAST)
-    v = _load_tile(v_base, offs_n, offs_d, svl, svd, n_ok[:, None] & d_ok[None, :], EVEN, UPCAST)
+    kT = _load_tile(k_base, offs_d, offs_n, skd, skl, d_ok, n_ok, not EVEN_D, TAIL, UPCAST)
+    v = _load_tile(v_base, offs_n, offs_d, svl, svd, n_ok, d_ok, TAIL, not EVEN_D, UPCAST)
     s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
-    if WITH_BIAS:
-        if EVEN:
-            s += tl.load(bias_rows + offs_n[None, :])
+    if WITH_BIAS:  # bias_rows: rows past L point at row L - 1 (finite, never stored)
+        if TAIL:
+            s += tl.load(bias_rows + offs_n[None, :], mask=(offs_n < bias_hi)[None, :], other=0.0)
         else:
-            s += tl.load(bias_rows + offs_n[None, :], mask=(offs_m[:, None] < L) & n_ok[None, :], other=0.0)
+            s += tl.load(bias_rows + offs_n[None, :])
     if HAS_KEY_BIAS:
-        s += tl.load(key_bias_row + offs_n, mask=n_ok, other=0.0)[None, :] * LOG2E
-    if not EVEN:
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    if HAS_KEY_BIAS or not EVEN:
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: no NaN
-    else:
-        m_safe = m_new
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
+        if TAIL:
+            s += tl.load(key_bias_row + offs_n, mask=n_ok, other=0.0)[None, :] * LOG2E
+        else:
+            s += tl.load(key_bias_row + offs_n)[None, :] * LOG2E
+    if TAIL:
+        s = tl.where(n_ok[None, :], s, float("-inf"))  # key n0 < L is in: every row keeps a finite max
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: m_i starts at -FLT_MAX, so a row of -inf keys gives p = 0
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:  # a multiply by 1 / 0: LLVM narrows a select on p to bf16 halves, which costs more (PRMT)
-        p = p * tl.where(_keep_bits(mask_rows, offs_m, n0, L, BLOCK_M, BLOCK_N, WORD) != 0, 1.0, 0.0)
+        p = p * tl.where(_keep_bits(mask_rows, n0, BLOCK_M, BLOCK_N, WORD) != 0, 1.0, 0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
 
@@ -221,9 +256,10 @@ def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_m, offs_n_base, offs_d,
 def _fwd_kernel(Q, K, V, O, LSE, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
                 sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod, skbb,
                 H, L, LB, C, D, W, N_TOKENS, qk_scale, dropout_p,
-                HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EVEN: tl.constexpr, UPCAST: tl.constexpr,
-                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                WORD: tl.constexpr, HAS_BLOCK_BIAS: tl.constexpr = True, VARLEN: tl.constexpr = False):
+                HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+                EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WORD: tl.constexpr,
+                HAS_BLOCK_BIAS: tl.constexpr = True, VARLEN: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -238,23 +274,34 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < L
     d_ok = offs_d < D
-    q = _load_tile(_slab(Q, b, h, first, sqb, sqh, sql, VARLEN), offs_m, offs_d, sql, sqd,
-                   row_ok[:, None] & d_ok[None, :], EVEN, UPCAST)
+    rows = _rows_in(offs_m, L, EVEN_M)
+    q = _load_tile(_slab(Q, b, h, first, sqb, sqh, sql, VARLEN), offs_m, offs_d, sql, sqd, row_ok, d_ok, not EVEN_M,
+                   not EVEN_D, UPCAST)
     k_base = _slab(K, b, h, first, skb, skh, skl, VARLEN)
     v_base = _slab(V, b, h, first, svb, svh, svl, VARLEN)
-    bias_rows = BIAS + tl.load(INDEX + b).to(tl.int64) * LB * LB + offs_m[:, None] * LB
+    bias_rows = BIAS + tl.load(INDEX + b).to(tl.int64) * LB * LB + rows[:, None] * LB
     key_bias_row = KEY_BIAS + b.to(tl.int64) * skbb
-    mask_rows = MASK + pid_bh.to(tl.int64) * LB * W + offs_m[:, None] * W
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    mask_rows = MASK + pid_bh.to(tl.int64) * LB * W + rows[:, None] * W
+    # -FLT_MAX, not -inf: the running max stays finite, so exp2(s - m) needs no guard when a row's keys are all
+    # masked (-inf) so far; alpha = exp2(-FLT_MAX - m) = 0 on the first key, as exp2(-inf) would be.
+    m_i = tl.full([BLOCK_M], -3.4028234663852886e38, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    L_full = _full(L, BLOCK_N, EVEN_N)
     band_first, band_hi, after = _loops(m0, L, C, BLOCK_M, BLOCK_N, HAS_BLOCK_BIAS)
     for phase in tl.static_range(3 if HAS_BLOCK_BIAS else 1):  # before the band, on it (its bias tiles), after it
-        lo, hi = _phase(phase, band_first, band_hi, after, L)
+        lo, hi = _phase(phase, band_first, band_hi, after, L_full, EVEN_N)
         for n0 in range(lo, hi, BLOCK_N):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_m, offs_n_base, offs_d, d_ok, L,
-                                      qk_scale, bias_rows, key_bias_row, mask_rows, skl, skd, svl, svd, phase == 1,
-                                      HAS_KEY_BIAS, DROPOUT, EVEN, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_n_base, offs_d, d_ok, L, qk_scale,
+                                      bias_rows, key_bias_row, mask_rows, L, skl, skd, svl, svd, phase == 1,
+                                      HAS_KEY_BIAS, DROPOUT, False, EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
+    if not EVEN_N:
+        if L_full < L:  # the tail meets the band iff it starts before band_hi
+            bias_hi = L * (L_full < band_hi).to(tl.int32)
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, L_full, offs_n_base, offs_d, d_ok, L,
+                                      qk_scale, bias_rows, key_bias_row, mask_rows, bias_hi, skl, skd, svl,
+                                      svd, HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT, True, EVEN_D, UPCAST, PRECISION,
+                                      BLOCK_M, BLOCK_N, WORD)
     if DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
     empty = l_i == 0.0
@@ -262,52 +309,66 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
     o_ptrs = _slab(O, b, h, first, sob, soh, sol, VARLEN) + offs_m[:, None] * sol + offs_d[None, :] * sod
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
     lse_row = _row_stats(LSE, pid_bh, h, first, L, N_TOKENS, VARLEN)
-    if EVEN:
+    if EVEN_M and EVEN_D:
         tl.store(o_ptrs, out.to(O.dtype.element_ty))
-        tl.store(lse_row + offs_m, lse)
     else:
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if EVEN_M:
+        tl.store(lse_row + offs_m, lse)
+    else:
         tl.store(lse_row + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, n0, offs_m, offs_n_base, offs_d, d_ok, L, qk_scale, bias_rows,
+def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, n0, offs_n_base, offs_d, row_ok, d_ok, L, qk_scale, bias_rows,
              key_bias_row, mask_rows, ds_rows, skl, skd, svl, svd, first_head, on_band,
-             WITH_BIAS: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EVEN: tl.constexpr,
-             UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             WORD: tl.constexpr):
+             WITH_BIAS: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, TAIL: tl.constexpr,
+             EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WORD: tl.constexpr):
     """One key tile of dQ; on a band tile, dS is added to the head sum DS_SUM. With dropout, dQ and dS come out
-    divided by the dropout scale 1 / (1 - p) (delta is Δ·(1 - p)): the callers multiply it back once."""
+    divided by the dropout scale 1 / (1 - p) (delta is Δ·(1 - p)): the callers multiply it back once. Only the
+    tail (TAIL) masks keys past L."""
     offs_n = n0 + offs_n_base
     n_ok = offs_n < L
-    tile_nd = n_ok[:, None] & d_ok[None, :]
-    k = _load_tile(k_base, offs_n, offs_d, skl, skd, tile_nd, EVEN, UPCAST)
-    v = _load_tile(v_base, offs_n, offs_d, svl, svd, tile_nd, EVEN, UPCAST)
+    k = _load_tile(k_base, offs_n, offs_d, skl, skd, n_ok, d_ok, TAIL, not EVEN_D, UPCAST)
+    v = _load_tile(v_base, offs_n, offs_d, svl, svd, n_ok, d_ok, TAIL, not EVEN_D, UPCAST)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    tile_ok = (offs_m[:, None] < L) & n_ok[None, :]
     if WITH_BIAS:
         if on_band:
-            if EVEN:
-                s += tl.load(bias_rows + offs_n[None, :])
+            if TAIL:
+                s += tl.load(bias_rows + offs_n[None, :], mask=n_ok[None, :], other=0.0)
             else:
-                s += tl.load(bias_rows + offs_n[None, :], mask=tile_ok, other=0.0)
+                s += tl.load(bias_rows + offs_n[None, :])
     if HAS_KEY_BIAS:
-        s += tl.load(key_bias_row + offs_n, mask=n_ok, other=0.0)[None, :] * LOG2E
-    p = tl.exp2(s - lse2[:, None])  # keys past L: k = 0 and s = 0, but their dS is never used (k = 0, not stored)
+        if TAIL:
+            s += tl.load(key_bias_row + offs_n, mask=n_ok, other=0.0)[None, :] * LOG2E
+        else:
+            s += tl.load(key_bias_row + offs_n)[None, :] * LOG2E
+    # Rows past L: lse2 = +inf, so p = 0 and dS = 0. Keys past L: k = 0 and s is finite, so their dS adds nothing
+    # to dQ, and it is not stored.
+    p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     if DROPOUT:  # dS·(1 - p) = P ∘ (dP ∘ Z - Δ·(1 - p)): 1 / (1 - p) is applied once, to dQ and in dtable
-        dp = tl.where(_keep_bits(mask_rows, offs_m, n0, L, BLOCK_M, BLOCK_N, WORD) != 0, dp, 0.0)
+        dp = tl.where(_keep_bits(mask_rows, n0, BLOCK_M, BLOCK_N, WORD) != 0, dp, 0.0)
     ds = p * (dp - delta[:, None])
-    if not EVEN:
-        ds = tl.where(tile_ok, ds, 0.0)
     dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     if WITH_BIAS:
         if on_band:
             ptrs = ds_rows + offs_n[None, :]
-            if first_head:
-                tl.store(ptrs, ds, mask=tile_ok)
+            if EVEN_M and not TAIL:
+                if first_head:
+                    tl.store(ptrs, ds)
+                else:
+                    tl.store(ptrs, tl.load(ptrs) + ds)
             else:
-                tl.store(ptrs, tl.load(ptrs, mask=tile_ok, other=0.0) + ds, mask=tile_ok)
+                if TAIL:
+                    store_ok = row_ok[:, None] & n_ok[None, :]
+                else:
+                    store_ok = row_ok[:, None]  # rows past L are not ours to write
+                if first_head:
+                    tl.store(ptrs, ds, mask=store_ok)
+                else:
+                    tl.store(ptrs, tl.load(ptrs, mask=store_ok, other=0.0) + ds, mask=store_ok)
     return dq
 
 
@@ -316,9 +377,10 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, DS_SUM, BIAS, INDEX, KEY_BIAS
                    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdob, sdoh, sdol, sdod,
                    sob, soh, sol, sod, sgb, sgh, sgl, sgd, skbb,
                    H, L, LB, C, D, W, N_TOKENS, qk_scale, dropout_p,
-                   HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EVEN: tl.constexpr, UPCAST: tl.constexpr,
-                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   WORD: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr, HAS_BLOCK_BIAS: tl.constexpr = True,
+                   HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+                   EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WORD: tl.constexpr,
+                   HEADS_PER_PROGRAM: tl.constexpr, HAS_BLOCK_BIAS: tl.constexpr = True,
                    VARLEN: tl.constexpr = False):
     """dQ for a query tile of HEADS_PER_PROGRAM heads (group program_id(2)), one head after the other.
 
@@ -338,20 +400,23 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, DS_SUM, BIAS, INDEX, KEY_BIAS
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < L
     d_ok = offs_d < D
-    tile_md = row_ok[:, None] & d_ok[None, :]
-    bias_rows = BIAS + tl.load(INDEX + b).to(tl.int64) * LB * LB + offs_m[:, None] * LB
+    rows = _rows_in(offs_m, L, EVEN_M)
+    bias_rows = BIAS + tl.load(INDEX + b).to(tl.int64) * LB * LB + rows[:, None] * LB
     key_bias_row = KEY_BIAS + b.to(tl.int64) * skbb
     ds_rows = DS_SUM + (b.to(tl.int64) * tl.num_programs(2) + group) * LB * LB + offs_m[:, None] * LB
     dropout_scale = 1.0 / (1.0 - dropout_p)
     band_lo, band_hi = _band(m0, L, C, BLOCK_M)
     band_first = band_lo // BLOCK_N * BLOCK_N
+    L_full = _full(L, BLOCK_N, EVEN_N)
     for hh in range(HEADS_PER_PROGRAM):
         h = group * HEADS_PER_PROGRAM + hh
         pid_bh = b * H + h
-        q = _load_tile(_slab(Q, b, h, first, sqb, sqh, sql, VARLEN), offs_m, offs_d, sql, sqd, tile_md, EVEN, UPCAST)
-        do = _load_tile(_slab(DO, b, h, first, sdob, sdoh, sdol, VARLEN), offs_m, offs_d, sdol, sdod, tile_md, EVEN,
-                        UPCAST)
-        o = _load_tile(_slab(O, b, h, first, sob, soh, sol, VARLEN), offs_m, offs_d, sol, sod, tile_md, EVEN, UPCAST)
+        q = _load_tile(_slab(Q, b, h, first, sqb, sqh, sql, VARLEN), offs_m, offs_d, sql, sqd, row_ok, d_ok,
+                       not EVEN_M, not EVEN_D, UPCAST)
+        do = _load_tile(_slab(DO, b, h, first, sdob, sdoh, sdol, VARLEN), offs_m, offs_d, sdol, sdod, row_ok, d_ok,
+                        not EVEN_M, not EVEN_D, UPCAST)
+        o = _load_tile(_slab(O, b, h, first, sob, soh, sol, VARLEN), offs_m, offs_d, sol, sod, row_ok, d_ok,
+                       not EVEN_M, not EVEN_D, UPCAST)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         tl.store(_row_stats(DELTA, pid_bh, h, first, L, N_TOKENS, VARLEN) + offs_m, delta, mask=row_ok)
         if DROPOUT:
@@ -360,52 +425,59 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, DS_SUM, BIAS, INDEX, KEY_BIAS
                        other=float("inf")) * LOG2E
         k_base = _slab(K, b, h, first, skb, skh, skl, VARLEN)
         v_base = _slab(V, b, h, first, svb, svh, svl, VARLEN)
-        mask_rows = MASK + pid_bh.to(tl.int64) * LB * W + offs_m[:, None] * W
+        mask_rows = MASK + pid_bh.to(tl.int64) * LB * W + rows[:, None] * W
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for n0 in range(0, L, BLOCK_N):  # one loop, the band decided per tile: three loops spill here
-            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, n0, offs_m, offs_n_base, offs_d, d_ok, L,
-                          qk_scale, bias_rows, key_bias_row, mask_rows, ds_rows, skl, skd, svl,
-                          svd, hh == 0, (n0 >= band_first) & (n0 < band_hi), HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT, EVEN,
-                          UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
+        for n0 in range(0, L_full, BLOCK_N):  # one loop, the band decided per tile: three loops spill here
+            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, n0, offs_n_base, offs_d, row_ok, d_ok, L,
+                          qk_scale, bias_rows, key_bias_row, mask_rows, ds_rows, skl, skd, svl, svd, hh == 0,
+                          (n0 >= band_first) & (n0 < band_hi), HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT, False, EVEN_M,
+                          EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
+        if not EVEN_N:
+            if L_full < L:
+                dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, L_full, offs_n_base, offs_d, row_ok, d_ok, L,
+                              qk_scale, bias_rows, key_bias_row, mask_rows, ds_rows, skl, skd, svl, svd, hh == 0,
+                              (L_full >= band_first) & (L_full < band_hi), HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT,
+                              True, EVEN_M, EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
         dq_ptrs = _slab(DQ, b, h, first, sgb, sgh, sgl, VARLEN) + offs_m[:, None] * sgl + offs_d[None, :] * sgd
         dq = (dq * (qk_scale * LN2 * dropout_scale)).to(DQ.dtype.element_ty)  # scale = qk_scale · ln 2
-        if EVEN:
+        if EVEN_M and EVEN_D:
             tl.store(dq_ptrs, dq)
         else:
-            tl.store(dq_ptrs, dq, mask=tile_md)
+            tl.store(dq_ptrs, dq, mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, offs_n, offs_d, d_ok, L, LB, qk_scale, bias_cols,
-               key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p, sql, sqd, sdol, sdod, W,
-               WITH_BIAS: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EVEN: tl.constexpr,
-               UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               WORD: tl.constexpr):
-    """One query tile of dK and dV."""
+def _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, n0, offs_d, d_ok, L, LB, qk_scale, bias_cols,
+               key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p, bias_hi, sql, sqd, sdol, sdod, W,
+               WITH_BIAS: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, TAIL: tl.constexpr,
+               EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, WORD: tl.constexpr):
+    """One query tile of dK and dV. A full tile (queries m0 .. m0 + BLOCK_M all < L) has no bounds mask; the tail
+    (TAIL) masks its queries past L (lse = +inf there, so p = 0), and its bias past bias_hi (L on the band, else 0)."""
     offs_m = m0 + offs_m_base
     row_ok = offs_m < L
-    tile_md = row_ok[:, None] & d_ok[None, :]
-    q = _load_tile(q_base, offs_m, offs_d, sql, sqd, tile_md, EVEN, UPCAST)
-    do = _load_tile(do_base, offs_m, offs_d, sdol, sdod, tile_md, EVEN, UPCAST)
-    if EVEN:
-        lse2 = tl.load(LSE_ROW + offs_m) * LOG2E
-        delta = tl.load(DELTA_ROW + offs_m)
-    else:
+    q = _load_tile(q_base, offs_m, offs_d, sql, sqd, row_ok, d_ok, TAIL, not EVEN_D, UPCAST)
+    do = _load_tile(do_base, offs_m, offs_d, sdol, sdod, row_ok, d_ok, TAIL, not EVEN_D, UPCAST)
+    if TAIL:
         lse2 = tl.load(LSE_ROW + offs_m, mask=row_ok, other=float("inf")) * LOG2E
         delta = tl.load(DELTA_ROW + offs_m, mask=row_ok, other=0.0)
+        rows = tl.minimum(offs_m, L - 1)  # bias and dropout rows past L: row L - 1 (p = 0 there)
+    else:
+        lse2 = tl.load(LSE_ROW + offs_m) * LOG2E
+        delta = tl.load(DELTA_ROW + offs_m)
+        rows = offs_m
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    if WITH_BIAS:
-        if EVEN:
-            s += tl.load(bias_cols + offs_m[:, None] * LB)
+    if WITH_BIAS:  # bias_cols: keys past L point at key L - 1 (their dK, dV rows are not stored)
+        if TAIL:
+            s += tl.load(bias_cols + rows[:, None] * LB, mask=(offs_m < bias_hi)[:, None], other=0.0)
         else:
-            s += tl.load(bias_cols + offs_m[:, None] * LB, mask=row_ok[:, None] & (offs_n < L)[None, :], other=0.0)
+            s += tl.load(bias_cols + rows[:, None] * LB)
     if HAS_KEY_BIAS:
         s += key_bias[None, :]
-    p = tl.exp2(s - lse2[:, None])  # rows past L: lse = +inf, p = 0
+    p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     if DROPOUT:  # dV and dK are scaled by 1 / (1 - p) once, after the loop (delta is Δ·(1 - p))
-        keep = _keep_bits(mask_base + offs_m[:, None] * W, offs_m, tl.program_id(0) * BLOCK_N, L, BLOCK_M, BLOCK_N,
-                          WORD) != 0
+        keep = _keep_bits(mask_base + rows[:, None] * W, n0, BLOCK_M, BLOCK_N, WORD) != 0
         p_kept = tl.where(keep, p, 0.0)  # used in fp32 below too, so the select stays fp32 (no bf16 halves)
         dv += tl.dot(tl.trans(p_kept.to(do.dtype)), do, input_precision=PRECISION)
         ds = p_kept * dp - p * (delta * (1.0 - dropout_p))[:, None]
@@ -421,10 +493,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, INDEX, KEY_BIAS, MAS
                      sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdob, sdoh, sdol, sdod,
                      sgb, sgh, sgl, sgd, skbb,
                      H, L, LB, C, D, W, N_TOKENS, qk_scale, dropout_p,
-                     HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EVEN: tl.constexpr, UPCAST: tl.constexpr,
-                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     WORD: tl.constexpr, HAS_BLOCK_BIAS: tl.constexpr = True, VARLEN: tl.constexpr = False):
-    """dK and dV for a key tile, looping over every query tile (non-causal)."""
+                     HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+                     EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WORD: tl.constexpr,
+                     HAS_BLOCK_BIAS: tl.constexpr = True, VARLEN: tl.constexpr = False):
+    """dK and dV for a key tile (EVEN_N: L a multiple of BLOCK_N), looping over every query tile (EVEN_M: of
+    BLOCK_M), non-causal."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -439,10 +513,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, INDEX, KEY_BIAS, MAS
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     n_ok = offs_n < L
-    tile_nd = n_ok[:, None] & d_ok[None, :]
-    k = _load_tile(_slab(K, b, h, first, skb, skh, skl, VARLEN), offs_n, offs_d, skl, skd, tile_nd, EVEN, UPCAST)
-    v = _load_tile(_slab(V, b, h, first, svb, svh, svl, VARLEN), offs_n, offs_d, svl, svd, tile_nd, EVEN, UPCAST)
-    bias_cols = BIAS + tl.load(INDEX + b).to(tl.int64) * LB * LB + offs_n[None, :]
+    k = _load_tile(_slab(K, b, h, first, skb, skh, skl, VARLEN), offs_n, offs_d, skl, skd, n_ok, d_ok, not EVEN_N,
+                   not EVEN_D, UPCAST)
+    v = _load_tile(_slab(V, b, h, first, svb, svh, svl, VARLEN), offs_n, offs_d, svl, svd, n_ok, d_ok, not EVEN_N,
+                   not EVEN_D, UPCAST)
+    bias_cols = BIAS + tl.load(INDEX + b).to(tl.int64) * LB * LB + _rows_in(offs_n, L, EVEN_N)[None, :]
     key_bias = tl.zeros([BLOCK_N], tl.float32)
     if HAS_KEY_BIAS:
         key_bias = tl.load(KEY_BIAS + b.to(tl.int64) * skbb + offs_n, mask=n_ok, other=0.0) * LOG2E
@@ -454,22 +529,31 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, INDEX, KEY_BIAS, MAS
     dropout_scale = 1.0 / (1.0 - dropout_p)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    L_full = _full(L, BLOCK_M, EVEN_M)
     band_first, band_hi, after = _loops(n0, L, C, BLOCK_N, BLOCK_M, HAS_BLOCK_BIAS)  # queries meeting these keys
     for phase in tl.static_range(3 if HAS_BLOCK_BIAS else 1):
-        lo, hi = _phase(phase, band_first, band_hi, after, L)
+        lo, hi = _phase(phase, band_first, band_hi, after, L_full, EVEN_M)
         for m0 in range(lo, hi, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, offs_n, offs_d, d_ok, L, LB, qk_scale,
-                                bias_cols, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p, sql, sqd, sdol,
-                                sdod, W, phase == 1, HAS_KEY_BIAS, DROPOUT, EVEN, UPCAST, PRECISION, BLOCK_M, BLOCK_N,
-                                WORD)
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, n0, offs_d, d_ok, L, LB, qk_scale,
+                                bias_cols, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p, L, sql, sqd, sdol,
+                                sdod, W, phase == 1, HAS_KEY_BIAS, DROPOUT, False, EVEN_D, UPCAST, PRECISION, BLOCK_M,
+                                BLOCK_N, WORD)
+    if not EVEN_M:
+        if L_full < L:  # the tail meets the band iff it starts before band_hi
+            bias_hi = L * (L_full < band_hi).to(tl.int32)
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, L_full, offs_m_base, n0, offs_d, d_ok, L, LB,
+                                qk_scale, bias_cols, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p,
+                                bias_hi, sql, sqd, sdol, sdod, W, HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT, True,
+                                EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
     dv = dv * dropout_scale  # 1 without dropout
     # DK and DV are contiguous and alike: one set of strides (sg*) serves both.
     grad_offs = offs_n[:, None] * sgl + offs_d[None, :] * sgd
     dk = (dk * (qk_scale * LN2 * dropout_scale)).to(DK.dtype.element_ty)
-    if EVEN:
+    if EVEN_N and EVEN_D:
         tl.store(_slab(DK, b, h, first, sgb, sgh, sgl, VARLEN) + grad_offs, dk)
         tl.store(_slab(DV, b, h, first, sgb, sgh, sgl, VARLEN) + grad_offs, dv.to(DV.dtype.element_ty))
     else:
+        tile_nd = n_ok[:, None] & d_ok[None, :]
         tl.store(_slab(DK, b, h, first, sgb, sgh, sgl, VARLEN) + grad_offs, dk, mask=tile_nd)
         tl.store(_slab(DV, b, h, first, sgb, sgh, sgl, VARLEN) + grad_offs, dv.to(DV.dtype.element_ty), mask=tile_nd)
 
@@ -568,9 +652,17 @@ def _strides(t: torch.Tensor):
     return tuple(t.stride())
 
 
-def _even(L: int, D: int, cfg) -> bool:
-    """No tile of this pass needs a bounds mask."""
-    return L % cfg["BLOCK_M"] == 0 and L % cfg["BLOCK_N"] == 0 and D == cfg["BLOCK_D"]
+def _even(L: int, D: int, cfg, varlen: bool) -> dict:
+    """Which bounds masks this pass can leave out: EVEN_M / EVEN_N, L is a multiple of the query / key tile (never
+    for packed sequences, whose lengths vary); EVEN_D, d fills BLOCK_D."""
+    return dict(EVEN_M=not varlen and L % cfg["BLOCK_M"] == 0, EVEN_N=not varlen and L % cfg["BLOCK_N"] == 0,
+                EVEN_D=D == cfg["BLOCK_D"])
+
+
+def _mask_words(L: int, word: int) -> int:
+    """Words per row of the dropout bit mask: whole 64-key blocks, so that every key tile (16, 32 or 64 wide, at a
+    multiple of its width below L) reads words inside the row."""
+    return triton.cdiv(L, 64) * (64 // word)
 
 
 def dense_bias(table: torch.Tensor, L: int) -> torch.Tensor:
@@ -589,12 +681,12 @@ def dropout_mask_shape(programs: int, L: int, d: int, dtype: torch.dtype, dropou
     dropout or with nothing to drop."""
     if dropout_p == 0.0 or programs * L * d == 0:
         return (0,)
-    return (programs, L, triton.cdiv(L, _word()))
+    return (programs, L, _mask_words(L, _word()))
 
 
 def _dropout_mask(programs, H, L, dropout_p, seed, word, device, cu_seqlens=None) -> torch.Tensor:
-    """The keep mask as bits: [programs, L, ⌈L / word⌉] int32 (bit k of word w: key w·word + k)."""
-    W = triton.cdiv(L, word)
+    """The keep mask as bits: [programs, L, _mask_words] int32 (bit k of word w: key w·word + k; 0 past L)."""
+    W = _mask_words(L, word)
     mask = torch.empty((programs, L, W), dtype=torch.int32, device=device)
     block_m = 16
     varlen = cu_seqlens is not None
@@ -642,9 +734,8 @@ def _forward(q, k, v, table, index, key_bias, scale, dropout_p, seed, cu_seqlens
         q, k, v, out, lse, bias, index, key_bias if has_kb else lse, mask if dropout else lse,
         cu_seqlens if varlen else lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), key_bias.stride(0) if has_kb else 0,
-        H, L, L, table.shape[2], D, triton.cdiv(L, word), N_TOKENS, scale * LOG2E.value, dropout_p,
-        HAS_KEY_BIAS=has_kb, DROPOUT=dropout, EVEN=not varlen and _even(L, D, cfg), WORD=word, VARLEN=varlen,
-        **cfg,
+        H, L, L, table.shape[2], D, _mask_words(L, word), N_TOKENS, scale * LOG2E.value, dropout_p,
+        HAS_KEY_BIAS=has_kb, DROPOUT=dropout, **_even(L, D, cfg, varlen), WORD=word, VARLEN=varlen, **cfg,
     )
     return out, lse, bias, mask
 
@@ -675,18 +766,18 @@ def _backward(dout, q, k, v, out, lse, bias, mask, table, index, key_bias, scale
     kb = key_bias if has_kb else lse
     bits = mask if dropout else lse
     cu = cu_seqlens if varlen else lse
-    common = (H, L, L, C, D, triton.cdiv(L, word), N_TOKENS, scale * LOG2E.value, dropout_p)
+    common = (H, L, L, C, D, _mask_words(L, word), N_TOKENS, scale * LOG2E.value, dropout_p)
     flags = dict(HAS_KEY_BIAS=has_kb, DROPOUT=dropout, WORD=word, VARLEN=varlen)
     kb_stride = key_bias.stride(0) if has_kb else 0
     # The dq kernel runs first: it writes delta, which the dkdv kernel reads (same stream, so ordered).
     _bwd_dq_kernel[(triton.cdiv(L, cfg["dq"]["BLOCK_M"]), B, groups)](
         q, k, v, dout, out, lse, delta, dq, ds_sum, bias, index, kb, bits, cu,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(out), *_strides(dq), kb_stride,
-        *common, HEADS_PER_PROGRAM=hpp, EVEN=not varlen and _even(L, D, cfg["dq"]), **flags, **cfg["dq"])
+        *common, HEADS_PER_PROGRAM=hpp, **_even(L, D, cfg["dq"], varlen), **flags, **cfg["dq"])
     _bwd_dkdv_kernel[(triton.cdiv(L, cfg["dkdv"]["BLOCK_N"]), B * H)](
         q, k, v, dout, lse, delta, dk, dv, bias, index, kb, bits, cu,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), kb_stride,
-        *common, EVEN=not varlen and _even(L, D, cfg["dkdv"]), **flags, **cfg["dkdv"])
+        *common, **_even(L, D, cfg["dkdv"], varlen), **flags, **cfg["dkdv"])
     dtable = torch.empty_like(table)
     block_m = 16 if interpreting() else 32
     _bwd_dtable_kernel[(triton.cdiv(L_max, block_m), G)](
