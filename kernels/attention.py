@@ -218,8 +218,8 @@ def _dropout_mask_kernel(MASK, CU_SEQLENS, H, L, LB, W, dropout_p, seed, BLOCK_M
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_n_base, offs_d, d_ok, L, qk_scale, bias_rows,
-              key_bias_row, mask_rows, bias_hi, skl, skd, svl, svd,
+def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_n_base, offs_d, d_ok, L, qk_scale, opaque_zero,
+              bias_rows, key_bias_row, mask_rows, bias_hi, skl, skd, svl, svd,
               WITH_BIAS: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, TAIL: tl.constexpr,
               EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, WORD: tl.constexpr):
@@ -246,8 +246,8 @@ def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_n_base, offs_d, d_ok, L
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if DROPOUT:  # a multiply by 1 / 0: LLVM narrows a select on p to bf16 halves, which costs more (PRMT)
-        p = p * tl.where(_keep_bits(mask_rows, n0, BLOCK_M, BLOCK_N, WORD) != 0, 1.0, 0.0)
+    if DROPOUT:  # one FSEL per score: against a constant 0.0, LLVM would narrow the select to bf16 halves (PRMT)
+        p = tl.where(_keep_bits(mask_rows, n0, BLOCK_M, BLOCK_N, WORD) != 0, p, opaque_zero)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
 
@@ -288,20 +288,22 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     L_full = _full(L, BLOCK_N, EVEN_N)
+    opaque_zero = dropout_p * 0.0  # 0.0 that LLVM cannot fold (x·0 is NaN for x = inf): see _fwd_tile
     band_first, band_hi, after = _loops(m0, L, C, BLOCK_M, BLOCK_N, HAS_BLOCK_BIAS)
     for phase in tl.static_range(3 if HAS_BLOCK_BIAS else 1):  # before the band, on it (its bias tiles), after it
         lo, hi = _phase(phase, band_first, band_hi, after, L_full, EVEN_N)
         for n0 in range(lo, hi, BLOCK_N):
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_n_base, offs_d, d_ok, L, qk_scale,
-                                      bias_rows, key_bias_row, mask_rows, L, skl, skd, svl, svd, phase == 1,
-                                      HAS_KEY_BIAS, DROPOUT, False, EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
+                                      opaque_zero, bias_rows, key_bias_row, mask_rows, L, skl, skd, svl, svd,
+                                      phase == 1, HAS_KEY_BIAS, DROPOUT, False, EVEN_D, UPCAST, PRECISION, BLOCK_M,
+                                      BLOCK_N, WORD)
     if not EVEN_N:
         if L_full < L:  # the tail meets the band iff it starts before band_hi
             bias_hi = L * (L_full < band_hi).to(tl.int32)
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, L_full, offs_n_base, offs_d, d_ok, L,
-                                      qk_scale, bias_rows, key_bias_row, mask_rows, bias_hi, skl, skd, svl,
-                                      svd, HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT, True, EVEN_D, UPCAST, PRECISION,
-                                      BLOCK_M, BLOCK_N, WORD)
+                                      qk_scale, opaque_zero, bias_rows, key_bias_row, mask_rows, bias_hi, skl, skd,
+                                      svl, svd, HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT, True, EVEN_D, UPCAST,
+                                      PRECISION, BLOCK_M, BLOCK_N, WORD)
     if DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
     empty = l_i == 0.0

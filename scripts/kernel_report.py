@@ -34,12 +34,20 @@ the adapter GEMM over K). It includes every branch of an `if` inside the loop
 (layer_norm_fwd, film_fwd: one tile per program) reports its whole body, and
 loop "none". Identical binaries (layer norm at D 768 and 1024 both use BLOCK_D
 1024) are compiled once and reported on each row.
+
+Cache: each compiled kernel's figures are kept in <out>/cache/, keyed by the
+launch (arguments, constexprs, options, arch), the kernel's source and the
+sources of the functions it calls (triton's own cache_key), the triton
+version, the ptxas/cuobjdump binaries and this script. A rerun compiles only
+what changed (edit one kernel: only its configurations); --no-cache compiles
+everything again. The longest compiles are queued first.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -296,6 +304,13 @@ def _unwrap(fn):
     return fn
 
 
+def _kernel_fn(job: dict):
+    """The job's JITFunction, from its kernel file."""
+    import importlib
+
+    return _unwrap(getattr(importlib.import_module(job["module"]), job["attr"]))
+
+
 def _cpu_seconds() -> float:
     """CPU time of this process and its finished children (ptxas, cuobjdump)."""
     import resource
@@ -318,7 +333,7 @@ def _specialize(job: dict):
     from triton.compiler import make_backend
     from triton.runtime.jit import MockTensor, create_function_from_signature
 
-    fn = _unwrap(getattr(importlib.import_module(job["module"]), job["attr"]))
+    fn = _kernel_fn(job)
     target = GPUTarget("cuda", ARCHS[job["arch"]], 32)
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
@@ -398,6 +413,50 @@ def format_table(rows: List[dict]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in table)
 
 
+# Queue order: the longest compiles first, so that no long one starts last while the other process idles.
+_COMPILE_WEIGHT = {"attention_fwd": 4, "attention_bwd_dkdv": 4, "attention_fwd_varlen": 4,
+                   "attention_bwd_dkdv_varlen": 4, "attention_bwd_dq": 3, "attention_bwd_dq_varlen": 3}
+
+
+def _fingerprint(*parts) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(repr(part).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _tools_fingerprint() -> str:
+    """The compiler and disassembler binaries (path, size, mtime), this script, and triton's version."""
+    import triton
+
+    bundled = Path(_tool("cuobjdump")).parent  # triton's ptxas builds sit beside it, unless TRITON_PTXAS* points away
+    overrides = sorted((k, v) for k, v in os.environ.items() if k.startswith("TRITON_PTXAS"))
+    tools = sorted([str(p) for p in bundled.iterdir()] + [v for _, v in overrides if os.path.isfile(v)])
+    stats = [(path, os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in tools]
+    return _fingerprint(triton.__version__, stats, overrides, Path(__file__).read_bytes())
+
+
+def cache_file(cache: Path, job: dict, key: str, tools: str) -> Path:
+    """Where the figures of the job's binary are cached: a hash of the launch, the kernel's sources and the tools."""
+    return cache / f"{_fingerprint(key, _kernel_fn(job).cache_key, tools)}.json"
+
+
+def _read_cached(path: Path) -> Optional[dict]:
+    try:
+        figures = json.loads(path.read_text())
+    except (OSError, ValueError):  # absent, or cut short: compile again
+        return None
+    return figures if isinstance(figures, dict) and "loop_instructions" in figures else None
+
+
+def _write_cached(path: Path, figures: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(figures))
+    tmp.replace(path)  # atomic: a reader never sees half a file
+
+
 def _init_worker(cache_dir: str):
     import warnings
 
@@ -407,17 +466,32 @@ def _init_worker(cache_dir: str):
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
 
 
-def run(jobs: List[dict], workers: int, progress: bool = True) -> tuple:
-    """Compiles the jobs on a process pool, each distinct binary once. Returns (rows in job order, compiles)."""
+def run(jobs: List[dict], workers: int, progress: bool = True, cache: Optional[Path] = None,
+        use_cache: bool = True) -> tuple:
+    """Compiles the jobs on a process pool, each distinct binary once; figures found in `cache` (a folder, or None
+    for no cache) are not compiled again unless use_cache is False. Returns (rows in job order, compiles,
+    cache hits)."""
     from tqdm import tqdm
 
     keys = [compile_key(job) for job in jobs]
     unique = {key: job for key, job in zip(keys, jobs)}
     compiled: Dict[str, dict] = {}
-    # A private, empty cache: the user's triton cache is left alone.
-    with tempfile.TemporaryDirectory(prefix="kernel-report-cache-") as cache:
-        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(cache,)) as pool:
-            futures = {pool.submit(compile_job, job): key for key, job in unique.items()}
+    files: Dict[str, Path] = {}
+    if cache is not None:
+        tools = _tools_fingerprint()
+        files = {key: cache_file(cache, job, key, tools) for key, job in unique.items()}
+        if use_cache:
+            for key, path in files.items():
+                figures = _read_cached(path)
+                if figures is not None:
+                    compiled[key] = figures
+    hits = len(compiled)
+    todo = sorted((key for key in unique if key not in compiled),
+                  key=lambda key: -_COMPILE_WEIGHT.get(unique[key]["kernel"], 1))
+    # A private, empty triton cache: the user's is left alone.
+    with tempfile.TemporaryDirectory(prefix="kernel-report-cache-") as triton_cache:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(triton_cache,)) as pool:
+            futures = {pool.submit(compile_job, unique[key]): key for key in todo}
             bar = tqdm(as_completed(futures), total=len(futures), desc="compiling kernels", unit="kernel",
                        disable=not progress, file=sys.stderr)
             for future in bar:
@@ -430,8 +504,10 @@ def run(jobs: List[dict], workers: int, progress: bool = True) -> tuple:
                     raise RuntimeError(f"kernel_report: compiling {job['kernel']} for {job['arch']} "
                                        f"({job['dtype']}, d={job['head_dim']}, D={job['hidden_size']}, "
                                        f"{job['kwargs']}) failed: {error}") from error
+                if key in files:
+                    _write_cached(files[key], compiled[key])
                 bar.set_postfix_str(f"{job['kernel']} {job['arch']} {job['dtype']}")
-    return [report_row(job, compiled[key]) for key, job in zip(keys, jobs)], len(compiled)
+    return [report_row(job, compiled[key]) for key, job in zip(keys, jobs)], len(compiled) - hits, hits
 
 
 _KERNEL_ORDER = ("attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv", "attention_fwd_varlen",
@@ -462,6 +538,8 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", nargs="+", type=int, default=list(HIDDEN_SIZES))
     parser.add_argument("--kernel", nargs="+", help="only these kernels, e.g. attention_fwd layer_norm_bwd")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="compile every kernel again, even those cached in <out>/cache (the cache is refreshed)")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # set by the test suite's conftest; never wanted here
     start = time.time()
@@ -469,18 +547,19 @@ def main(argv=None) -> int:
                            args.kernel)
     if not jobs:
         parser.error("no kernel configuration matches the filters")
-    rows, compiles = run(jobs, max(1, args.jobs), progress=not args.no_progress)
-    rows.sort(key=_row_order)
     out = Path(args.out)
+    rows, compiles, hits = run(jobs, max(1, args.jobs), progress=not args.no_progress, cache=out / "cache",
+                               use_cache=not args.no_cache)
+    rows.sort(key=_row_order)
     out.mkdir(parents=True, exist_ok=True)
     import triton
 
     report = {"triton": triton.__version__, "seq_len": SEQ_LEN, "batch": BATCH, "fields": list(FIELDS),
-              "seconds": round(time.time() - start, 1), "compiles": compiles, "rows": rows}
+              "seconds": round(time.time() - start, 1), "compiles": compiles, "cache_hits": hits, "rows": rows}
     (out / "kernel-report.json").write_text(json.dumps(report, indent=1) + "\n")
     print(format_table(rows))
-    print(f"\n{len(rows)} configurations, {compiles} distinct kernels compiled in {report['seconds']} s "
-          f"(triton {triton.__version__}, {args.jobs} processes); "
+    print(f"\n{len(rows)} configurations, {compiles + hits} distinct kernels: {compiles} compiled, {hits} from the "
+          f"cache ({out / 'cache'}), in {report['seconds']} s (triton {triton.__version__}, {args.jobs} processes); "
           f"wrote {out / 'kernel-report.json'}")
     return 0
 

@@ -117,6 +117,48 @@ def test_report_compiles_the_d64_fp16_attention_forwards_for_sm90a(tmp_path):
     assert yardstick["loop_instructions"] < plain["loop_instructions"] < padded["loop_instructions"]
     assert plain["loop_instructions"] < dropout["loop_instructions"]
     assert "attention_fwd" in result.stdout and "wgmma" in result.stdout
+    assert "7 compiled, 0 from the cache" in result.stdout
+
+    # Run again: every figure comes from <out>/cache, the same; a cache file cut short is compiled again.
+    (min((tmp_path / "cache").glob("*.json"))).write_text('{"regs": 1')
+    again = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--arch", "sm_90a", "--dtype", "fp16", "--head-dim",
+         "64", "--hidden", "768", "--kernel", "attention_fwd", "attention_fwd_varlen", "--no-progress"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "1 compiled, 6 from the cache" in again.stdout
+    timing = {"compile_s", "compile_cpu_s"}
+    cached = json.loads((tmp_path / "kernel-report.json").read_text())["rows"]
+    assert [{k: v for k, v in r.items() if k not in timing} for r in cached] == [
+        {k: v for k, v in r.items() if k not in timing} for r in report["rows"]]
+
+
+def _load_kernel(tmp_path, name: str, body: str):
+    """`kernel`, a triton.jit function with this body, from its own file (so only the body differs)."""
+    path = tmp_path / f"{name}.py"
+    path.write_text("import triton\nimport triton.language as tl\n\n\n"
+                    f"def kernel(X, N: tl.constexpr):\n    {body}\n")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from triton.runtime.jit import JITFunction
+
+    return JITFunction(module.kernel)
+
+
+def test_the_cache_key_follows_the_launch_and_the_kernel_source(monkeypatch, tmp_path):
+    """A cached figure is reused only for the same launch of the same kernel source with the same tools."""
+    original = _load_kernel(tmp_path, "original", "tl.store(X, N)")
+    edited = _load_kernel(tmp_path, "edited", "tl.store(X, N + 1)")
+    job = {"module": "kernels.example", "attr": "kernel"}
+    monkeypatch.setattr(kr, "_kernel_fn", lambda job: original)
+    cached = kr.cache_file(tmp_path, job, "launch", "tools")
+    assert cached.parent == tmp_path and cached.suffix == ".json"
+    assert kr.cache_file(tmp_path, job, "launch", "tools") == cached  # stable
+    assert kr.cache_file(tmp_path, job, "another launch", "tools") != cached
+    assert kr.cache_file(tmp_path, job, "launch", "other tools") != cached
+    monkeypatch.setattr(kr, "_kernel_fn", lambda job: edited)
+    assert kr.cache_file(tmp_path, job, "launch", "tools") != cached
 
 
 VARLEN_KERNELS = ["attention_fwd_varlen", "attention_bwd_dq_varlen", "attention_bwd_dkdv_varlen"]
