@@ -290,13 +290,6 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
     L_full = _full(L, BLOCK_N, EVEN_N)
     opaque_zero = dropout_p * 0.0  # 0.0 that LLVM cannot fold (x·0 is NaN for x = inf): see _fwd_tile
     band_first, band_hi, after = _loops(m0, L, C, BLOCK_M, BLOCK_N, HAS_BLOCK_BIAS)
-    for phase in tl.static_range(3 if HAS_BLOCK_BIAS else 1):  # before the band, on it (its bias tiles), after it
-        lo, hi = _phase(phase, band_first, band_hi, after, L_full, EVEN_N)
-        for n0 in range(lo, hi, BLOCK_N):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_n_base, offs_d, d_ok, L, qk_scale,
-                                      opaque_zero, bias_rows, key_bias_row, mask_rows, L, skl, skd, svl, svd,
-                                      phase == 1, HAS_KEY_BIAS, DROPOUT, False, EVEN_D, UPCAST, PRECISION, BLOCK_M,
-                                      BLOCK_N, WORD)
     if not EVEN_N:
         if L_full < L:  # the tail meets the band iff it starts before band_hi
             bias_hi = L * (L_full < band_hi).to(tl.int32)
@@ -304,6 +297,13 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
                                       qk_scale, opaque_zero, bias_rows, key_bias_row, mask_rows, bias_hi, skl, skd,
                                       svl, svd, HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT, True, EVEN_D, UPCAST,
                                       PRECISION, BLOCK_M, BLOCK_N, WORD)
+    for phase in tl.static_range(3 if HAS_BLOCK_BIAS else 1):  # before the band, on it (its bias tiles), after it
+        lo, hi = _phase(phase, band_first, band_hi, after, L_full, EVEN_N)
+        for n0 in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_n_base, offs_d, d_ok, L, qk_scale,
+                                      opaque_zero, bias_rows, key_bias_row, mask_rows, L, skl, skd, svl, svd,
+                                      phase == 1, HAS_KEY_BIAS, DROPOUT, False, EVEN_D, UPCAST, PRECISION, BLOCK_M,
+                                      BLOCK_N, WORD)
     if DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
     empty = l_i == 0.0
@@ -429,17 +429,17 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, DS_SUM, BIAS, INDEX, KEY_BIAS
         v_base = _slab(V, b, h, first, svb, svh, svl, VARLEN)
         mask_rows = MASK + pid_bh.to(tl.int64) * LB * W + rows[:, None] * W
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for n0 in range(0, L_full, BLOCK_N):  # one loop, the band decided per tile: three loops spill here
-            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, n0, offs_n_base, offs_d, row_ok, d_ok, L,
-                          qk_scale, bias_rows, key_bias_row, mask_rows, ds_rows, skl, skd, svl, svd, hh == 0,
-                          (n0 >= band_first) & (n0 < band_hi), HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT, False, EVEN_M,
-                          EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
         if not EVEN_N:
             if L_full < L:
                 dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, L_full, offs_n_base, offs_d, row_ok, d_ok, L,
                               qk_scale, bias_rows, key_bias_row, mask_rows, ds_rows, skl, skd, svl, svd, hh == 0,
                               (L_full >= band_first) & (L_full < band_hi), HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT,
                               True, EVEN_M, EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
+        for n0 in range(0, L_full, BLOCK_N):  # one loop, the band decided per tile: three loops spill here
+            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, n0, offs_n_base, offs_d, row_ok, d_ok, L,
+                          qk_scale, bias_rows, key_bias_row, mask_rows, ds_rows, skl, skd, svl, svd, hh == 0,
+                          (n0 >= band_first) & (n0 < band_hi), HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT, False, EVEN_M,
+                          EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
         dq_ptrs = _slab(DQ, b, h, first, sgb, sgh, sgl, VARLEN) + offs_m[:, None] * sgl + offs_d[None, :] * sgd
         dq = (dq * (qk_scale * LN2 * dropout_scale)).to(DQ.dtype.element_ty)  # scale = qk_scale · ln 2
         if EVEN_M and EVEN_D:
@@ -533,13 +533,6 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, INDEX, KEY_BIAS, MAS
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     L_full = _full(L, BLOCK_M, EVEN_M)
     band_first, band_hi, after = _loops(n0, L, C, BLOCK_N, BLOCK_M, HAS_BLOCK_BIAS)  # queries meeting these keys
-    for phase in tl.static_range(3 if HAS_BLOCK_BIAS else 1):
-        lo, hi = _phase(phase, band_first, band_hi, after, L_full, EVEN_M)
-        for m0 in range(lo, hi, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, n0, offs_d, d_ok, L, LB, qk_scale,
-                                bias_cols, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p, L, sql, sqd, sdol,
-                                sdod, W, phase == 1, HAS_KEY_BIAS, DROPOUT, False, EVEN_D, UPCAST, PRECISION, BLOCK_M,
-                                BLOCK_N, WORD)
     if not EVEN_M:
         if L_full < L:  # the tail meets the band iff it starts before band_hi
             bias_hi = L * (L_full < band_hi).to(tl.int32)
@@ -547,6 +540,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, INDEX, KEY_BIAS, MAS
                                 qk_scale, bias_cols, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p,
                                 bias_hi, sql, sqd, sdol, sdod, W, HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT, True,
                                 EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
+    for phase in tl.static_range(3 if HAS_BLOCK_BIAS else 1):
+        lo, hi = _phase(phase, band_first, band_hi, after, L_full, EVEN_M)
+        for m0 in range(lo, hi, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, n0, offs_d, d_ok, L, LB, qk_scale,
+                                bias_cols, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p, L, sql, sqd, sdol,
+                                sdod, W, phase == 1, HAS_KEY_BIAS, DROPOUT, False, EVEN_D, UPCAST, PRECISION, BLOCK_M,
+                                BLOCK_N, WORD)
     dv = dv * dropout_scale  # 1 without dropout
     # DK and DV are contiguous and alike: one set of strides (sg*) serves both.
     grad_offs = offs_n[:, None] * sgl + offs_d[None, :] * sgd

@@ -13,6 +13,7 @@ order, each in its own process group under its own time limit, and writes their 
     bench <name>, each      25-70     benchmarks/<name>/  pytest benchmarks/test_<name>.py (the suite's results
                                                           table of that file, and pytest-benchmark's JSON)
     kernel report            40       kernel-report/      scripts/kernel_report.py, compiled on this machine's CPUs
+                                                          for this GPU's arch
     benchmark summary        10       benchmarks/         benchmarks/report.py: the parts' rows merged into one
                                                           results.json/.csv, summary.md and summary.png
 
@@ -53,6 +54,7 @@ BENCH_BUDGETS_S = {  # benchmarks/test_<name>.py; FlexAttention's torch.compile 
     "model": 35,
     "epoch": 35,
 }
+KERNEL_REPORT_ARCHS = ("90a", "80", "86")  # scripts/kernel_report.py's ARCHS, as CAMTL_CUDA_ARCHS spells them
 BENCH_DIR = "benchmarks"  # inside the output folder: a folder per bench file, and the merged table
 
 
@@ -88,8 +90,11 @@ def plan(out: Path, python: str, cuda_arch: str = "90a") -> List[Part]:
                                              str(out / BENCH_DIR / bench), "--no-figure", "--benchmark-storage",
                                              f"file://{out / BENCH_DIR / 'storage'}"],
                           budget, f"bench-{bench}.txt", env={"BENCH_SAVE": f"gpu-check-{bench}"}))
+    # This GPU's arch only, when the report knows it: both default archs are about 900 CPU-seconds cold, too much
+    # for 40 s even on 16 cores; one is half that.
+    report_arch = ["--arch", f"sm_{cuda_arch}"] if cuda_arch in KERNEL_REPORT_ARCHS else []
     parts.append(Part("kernel report", [python, "scripts/kernel_report.py", "--out", str(out / "kernel-report"),
-                                        "--no-progress", "--jobs", str(os.cpu_count() or 2)], 40,
+                                        "--no-progress", "--jobs", str(os.cpu_count() or 2), *report_arch], 40,
                       "kernel-report.txt"))
     parts.append(Part("benchmark summary", [python, "benchmarks/report.py",
                                             *[str(out / BENCH_DIR / bench) for bench in BENCH_BUDGETS_S],

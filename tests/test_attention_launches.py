@@ -11,7 +11,9 @@ Counting rule, per pass:
   argument). Composite ops (matmul, one_hot) are counted as the ops they run. Fills, copies, casts, reductions
   and GEMMs count. Ops that the Triton interpreter issues to run a kernel on the CPU are not counted (the
   launch is);
-- device->host syncs: every `_local_scalar_dense` or `item` (what .item(), int(t), float(t), bool(t) dispatch to).
+- device->host syncs: every `_local_scalar_dense` or `item` (what .item(), int(t), float(t), bool(t) dispatch to),
+  and every copy to the CPU asked for by name (`_to_copy` with device=cpu: on a GPU, a device->host copy); its
+  result is a host tensor: ops on host tensors launch nothing, and give host tensors.
   The dropout seed is a host tensor (draw_dropout_seed makes it on the CPU, whatever the device): making it and
   reading it cost no launch and no sync on a GPU, so those ops are not counted.
 Counted in float32 (casts to float32 are no-ops there: a bf16 model adds the casts that the counts do not show).
@@ -36,17 +38,18 @@ TARGET_FORWARD, TARGET_BACKWARD, TARGET_SYNCS = 4, 6, 0  # issue 9 deliverable 3
 _NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "detach", "alias", "lift_fresh", "set_"}
 
 # (key mask, dropout, inside index_read_once) -> today's (forward launches, backward launches, host syncs in all).
-# Forward: the index range check (aminmax, then two int() syncs: once per op outside index_read_once), the dense
+# Forward: the index range check (one copy of the task ids to the host, no kernel: once per op outside
+# index_read_once, once per model forward inside it), the dense
 # bias expansion, the dropout bit mask (with dropout), the key mask conversion (where), the kernel. Backward: the
 # dq kernel (which sums dS over heads), the dkdv kernel, the dtable kernel (per-task sums and the rows past L).
 BOUNDS = {
-    (False, False, False): (3, 3, 2),
+    (False, False, False): (2, 3, 1),
     (False, False, True): (2, 3, 0),
-    (True, False, False): (4, 3, 2),
+    (True, False, False): (3, 3, 1),
     (True, False, True): (3, 3, 0),
-    (False, True, False): (4, 3, 2),
+    (False, True, False): (3, 3, 1),
     (False, True, True): (3, 3, 0),
-    (True, True, False): (5, 3, 2),
+    (True, True, False): (4, 3, 1),
     (True, True, True): (4, 3, 0),
 }
 
@@ -67,6 +70,18 @@ class _DeviceWork(TorchDispatchMode):
                 return OPDEFS[func._name]._init_fn(*args, **kwargs)
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         on_host = bool(tensors) and all(any(a is h for h in self.host_tensors) for a in tensors)
+        to_host = func.overloadpacket.__name__ == "_to_copy" and kwargs.get("device") is not None and \
+            torch.device(kwargs["device"]).type == "cpu"
+        if to_host and not self.in_kernel and not on_host:  # a device->host copy: one sync, and a host tensor
+            self.syncs += 1
+            result = func(*args, **kwargs)
+            self.host_tensors.append(result)
+            return result
+        if on_host:  # e.g. the min of a host copy: no launch, and its result is on the host too
+            result = func(*args, **kwargs)
+            if isinstance(result, torch.Tensor):
+                self.host_tensors.append(result)
+            return result
         if not self.in_kernel and not on_host:
             with self:  # a composite op (matmul, one_hot, ...): count the ops it runs
                 result = func.decompose(*args, **kwargs)

@@ -114,6 +114,12 @@ def test_the_plan_fits_seven_minutes_and_runs_every_bench(tmp_path, monkeypatch)
     names = [p.name for p in parts]
     assert names[:3] == ["install", "environment", "tests/gpu"] and "kernel report" in names
     assert gpu_check.plan(tmp_path, sys.executable, "80")[0].env == {"CAMTL_CUDA_ARCHS": "80"}
+    report = {p.name: p for p in parts}["kernel report"].command
+    assert report[-2:] == ["--arch", "sm_90a"]  # this GPU's arch only: the whole report is too long for its budget
+    assert {p.name: p for p in gpu_check.plan(tmp_path, sys.executable, "100")}["kernel report"].command[-1] != \
+        "--arch"  # an arch the report does not know: its defaults
+    kernel_report = _load("camtl_kernel_report", ROOT / "scripts" / "kernel_report.py")
+    assert {f"sm_{a}" for a in gpu_check.KERNEL_REPORT_ARCHS} == set(kernel_report.ARCHS)
 
 
 def test_a_part_gets_its_environment(tmp_path):

@@ -100,6 +100,13 @@ def index_read_once(idx: Optional[torch.Tensor]):
         del ranges[id(idx)]
 
 
+def _read_range(idx: torch.Tensor) -> Tuple[int, int]:
+    """(min, max) of idx from one host copy of it: a task-id tensor is small (B or S ids), and one device->host
+    copy is one sync and no kernel (aminmax, then reading two scalars, was one kernel and two syncs)."""
+    host = idx.to("cpu", copy=True)
+    return int(host.min()), int(host.max())
+
+
 def index_range(idx: torch.Tensor) -> Tuple[int, int]:
     """(min, max) of a non-empty integer tensor; read once per ``index_read_once`` block."""
     ranges = getattr(_READ_RANGES, "ranges", {})
@@ -107,8 +114,7 @@ def index_range(idx: torch.Tensor) -> Tuple[int, int]:
     held = held if held is not None and held[0] is idx else None
     if held is not None and held[1] is not None and held[1][0] == idx._version:
         return held[1][1], held[1][2]
-    lo, hi = torch.aminmax(idx)
-    lo, hi = int(lo), int(hi)
+    lo, hi = _read_range(idx)
     if held is not None:
         ranges[id(idx)] = (idx, (idx._version, lo, hi))
     return lo, hi
