@@ -585,8 +585,8 @@ def _bwd_dtable_kernel(DS_SUM, INDEX, DTABLE, CU_SEQLENS, B, GROUPS, L, LB, C, L
              total.to(tl.float32).to(DTABLE.dtype.element_ty), mask=(offs_m[:, None] < L_MAX) & (offs_c[None, :] < C))
 
 
-# (BLOCK_M query tile, BLOCK_N key tile, num_warps, num_stages) per pass, by GPU family and head dim (BLOCK_D up to
-# the key). Key tiles are multiples of the dropout word (32 bits).
+# (BLOCK_M query tile, BLOCK_N key tile, num_warps, num_stages[, maxnreg]) per pass, by GPU family and head dim
+# (BLOCK_D up to the key). Key tiles are multiples of the dropout word (32 bits).
 # Each is the largest tile that compiles with 0 spill bytes and the arch's tensor-core op (wgmma on sm_90, mma.sync
 # on sm_80), dropout and key padding on or off, within the family's shared memory per block: `make kernel-report`
 # shows sm_90a and sm_80. Where a [64, d] tile spills, the pass takes a 32-wide tile on its inner loop (the key
@@ -598,7 +598,9 @@ _TILES = {
         256: dict(fwd=(64, 32, 8, 3), dq=(64, 32, 8, 3), dkdv=(16, 64, 8, 3)),
     },
     "sm_80": {  # A100 (163 KB), and GPUs this table does not name
-        64: dict(fwd=(64, 64, 4, 3), dq=(64, 32, 8, 3), dkdv=(64, 32, 8, 3)),
+        # fwd: maxnreg 255, or ptxas stops at 168 registers and spills 4-12 B in the packed kernel (2 CTAs per SM
+        # either way: shared memory bounds them).
+        64: dict(fwd=(64, 64, 4, 3, 255), dq=(64, 32, 8, 3), dkdv=(64, 32, 8, 3)),
         128: dict(fwd=(64, 64, 4, 3), dq=(64, 64, 8, 3), dkdv=(64, 64, 8, 3)),
         256: dict(fwd=(64, 32, 8, 3), dq=(64, 32, 8, 3), dkdv=(16, 64, 8, 3)),
     },
@@ -636,9 +638,13 @@ def _configs_for(d: int, dtype: torch.dtype, capability=None):
         tiles = {name: (16, 16, 4, 1) for name in PASSES}
     else:
         tiles = _TILES[_tile_family(capability)][max(64, block_d)]
-    return {name: dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=block_d, UPCAST=upcast, PRECISION=precision, num_warps=w,
-                       num_stages=stages)
-            for name, (m, n, w, stages) in tiles.items()}
+    configs = {}
+    for name, (m, n, w, stages, *maxnreg) in tiles.items():
+        configs[name] = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=block_d, UPCAST=upcast, PRECISION=precision, num_warps=w,
+                             num_stages=stages)
+        if maxnreg:  # a register budget for ptxas, where its own choice would spill
+            configs[name]["maxnreg"] = maxnreg[0]
+    return configs
 
 
 def _word() -> int:
