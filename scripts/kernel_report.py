@@ -107,7 +107,9 @@ def _count(instructions: List[tuple], start: int, end: int) -> int:
 def main_loop(sass: str) -> Dict[str, object]:
     """The hot loop of one kernel's SASS: its instruction count, the spans found, and how it was chosen.
 
-    Returns {"instructions": n, "loop": "innermost of k" | "none", "loops": k}. With no loop, the whole kernel.
+    Returns {"instructions": n, "loop": "innermost of k" | "none", "loops": k, "inner": [...]}: n is the largest
+    innermost loop, inner every innermost loop's count in address order (the attention loops before the band, on
+    it and after it). With no loop, n is the whole kernel and inner is empty.
     """
     instructions = parse_sass(sass)
     if not instructions:
@@ -115,10 +117,12 @@ def main_loop(sass: str) -> Dict[str, object]:
     spans = [(s, e, _count(instructions, s, e)) for s, e in find_loops(instructions)]
     spans = [span for span in spans if span[2] >= MIN_LOOP_INSTRUCTIONS]
     if not spans:
-        return {"instructions": _count(instructions, 0, instructions[-1][0]), "loop": "none", "loops": 0}
+        return {"instructions": _count(instructions, 0, instructions[-1][0]), "loop": "none", "loops": 0,
+                "inner": []}
     innermost = [a for a in spans if not any(b is not a and a[0] <= b[0] and b[1] <= a[1] for b in spans)]
     best = max(innermost, key=lambda span: span[2])
-    return {"instructions": best[2], "loop": f"innermost of {len(spans)}", "loops": len(spans)}
+    return {"instructions": best[2], "loop": f"innermost of {len(spans)}", "loops": len(spans),
+            "inner": [span[2] for span in sorted(innermost)]}
 
 
 def tensor_core_op(sass: str) -> str:
@@ -374,7 +378,8 @@ def compile_job(job: dict) -> dict:
     return dict(
         num_warps=options.num_warps, num_stages=options.num_stages, **resources,
         smem_bytes=int(compiled.metadata.shared), tensor_core_op=tensor_core_op(sass),
-        loop_instructions=loop["instructions"], loop=loop["loop"], triton=triton.__version__,
+        loop_instructions=loop["instructions"], loop=loop["loop"], inner_loops=loop["inner"],
+        triton=triton.__version__,
         compile_s=round(time.time() - start, 2), compile_cpu_s=round(_cpu_seconds() - cpu_start, 2),
     )
 
@@ -396,7 +401,7 @@ def format_table(rows: List[dict]) -> str:
     columns = [("kernel", "kernel"), ("arch", "arch"), ("dtype", "dtype"), ("d/D", None), ("tile", None),
                ("w/s", None), ("drop", "dropout"), ("kpad", "key_padding"), ("yard", "yardstick"), ("regs", "regs"),
                ("spill", "spill_bytes"), ("smem", "smem_bytes"), ("tc", "tensor_core_op"),
-               ("loop", "loop_instructions"), ("variant", "variant")]
+               ("loop", "loop_instructions"), ("inner loops", None), ("variant", "variant")]
 
     def cell(row, title, key):
         if title == "d/D":
@@ -405,6 +410,9 @@ def format_table(rows: List[dict]) -> str:
             return f"{row['block_m']}x{row['block_n']}"
         if title == "w/s":
             return f"{row['num_warps']}/{row['num_stages']}"
+        if title == "inner loops":  # every innermost loop, when there are several (attention: off band, band, off)
+            inner = row.get("inner_loops") or []
+            return "/".join(map(str, inner)) if len(inner) > 1 else "-"
         value = row[key]
         return "-" if value is None else ("y" if value is True else "n" if value is False else str(value))
 

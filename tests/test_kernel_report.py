@@ -50,7 +50,7 @@ def test_main_loop_counts_the_span_from_the_branch_target_to_the_backward_branch
     body += ["EXIT", "BRA {34}", "NOP", "NOP"]                 # 33-36: the end-of-kernel self-branch is no loop
     sass = _sass(_program(body))
     loop = kr.main_loop(sass)
-    assert loop == {"instructions": 28, "loop": "innermost of 1", "loops": 1}  # 3..32, less two NOPs
+    assert loop == {"instructions": 28, "loop": "innermost of 1", "loops": 1, "inner": [28]}  # 3..32, less 2 NOPs
     assert kr.tensor_core_op(sass) == "mma.sync"
 
 
@@ -64,14 +64,25 @@ def test_main_loop_takes_the_innermost_loop_and_ignores_spin_waits():
     body += ["@P2 BRA {1}", "HGMMA.64x64x16.F32 R24, gdesc[UR8], RZ, !UPT, gsb0", "EXIT"]  # 52: outer back-branch
     sass = _sass(_program(body))
     assert kr.find_loops(kr.parse_sass(sass)) == [(0x60, 0x2e0), (0x2f0, 0x300), (0x10, 0x340)]
-    assert kr.main_loop(sass) == {"instructions": 41, "loop": "innermost of 2", "loops": 2}
+    assert kr.main_loop(sass) == {"instructions": 41, "loop": "innermost of 2", "loops": 2, "inner": [41]}
     assert kr.tensor_core_op(sass) == "wgmma"
+
+
+def test_main_loop_is_the_largest_of_sibling_loops_and_inner_lists_them_all():
+    """The attention forward's three phases: loops before the band, on it (the bias tile: longer) and after it."""
+    body = ["MOV R0, RZ"]                                      # 0
+    body += ["FFMA R1, R2, R3, R1"] * 29 + ["@P0 BRA {1}"]     # 1-30: 30 instructions
+    body += ["FFMA R1, R2, R3, R1"] * 39 + ["@P1 BRA {31}"]    # 31-70: 40, the band loop
+    body += ["FFMA R1, R2, R3, R1"] * 24 + ["@P2 BRA {71}"]    # 71-95: 25
+    body += ["EXIT", "BRA {97}"]
+    loop = kr.main_loop(_sass(_program(body)))
+    assert loop == {"instructions": 40, "loop": "innermost of 3", "loops": 3, "inner": [30, 40, 25]}
 
 
 def test_main_loop_of_a_kernel_without_a_loop_is_the_whole_kernel():
     sass = _sass(_program(["S2R R0, SR_TID.X", "FADD R1, R0, R0", "STG.E desc[UR4][R2.64], R1", "EXIT", "BRA {4}",
                            "NOP"]))
-    assert kr.main_loop(sass) == {"instructions": 5, "loop": "none", "loops": 0}
+    assert kr.main_loop(sass) == {"instructions": 5, "loop": "none", "loops": 0, "inner": []}
     assert kr.tensor_core_op(sass) == "none"
     with pytest.raises(ValueError, match="no SASS"):
         kr.main_loop("not sass at all")
