@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,28 @@ def test_main_loop_is_the_largest_of_sibling_loops_and_inner_lists_them_all():
     body += ["EXIT", "BRA {97}"]
     loop = kr.main_loop(_sass(_program(body)))
     assert loop == {"instructions": 40, "loop": "innermost of 3", "loops": 3, "inner": [30, 40, 25]}
+
+
+def _nvdisasm(body):
+    """nvdisasm -c style lines: no encodings, and a branch names its target by a label on the line before it."""
+    targets = {int(m) for text in body for m in re.findall(r"BRA \{(\d+)\}", text)}
+    lines = ["\t.section\t.text.k,\"ax\",@progbits", "k:"]
+    for i, text in enumerate(body):
+        if i in targets:
+            lines.append(f".L_x_{i}:")
+        text = re.sub(r"BRA \{(\d+)\}", lambda m: f"BRA `(.L_x_{m.group(1)})", text)
+        lines.append(f"        /*{16 * i:04x}*/                   {text} ;")
+    return "\n".join(lines)
+
+
+def test_nvdisasm_labels_read_as_the_addresses_cuobjdump_prints():
+    body = ["MOV R0, RZ"] + ["FFMA R1, R2, R3, R1"] * 29 + ["@P0 BRA {1}"]
+    body += ["FFMA R1, R2, R3, R1"] * 39 + ["@!P1 BRA {31}", "@P2 BRA {73}", "EXIT", "BRA {73}"]
+    nvdisasm, cuobjdump = _nvdisasm(body), _sass(_program(body))
+    assert "BRA `(.L_x_31)" in nvdisasm and "0x" not in nvdisasm.split("BRA")[1].split(";")[0]
+    assert kr.parse_sass(nvdisasm) == kr.parse_sass(cuobjdump)
+    assert kr.main_loop(nvdisasm) == kr.main_loop(cuobjdump) == {
+        "instructions": 40, "loop": "innermost of 2", "loops": 2, "inner": [30, 40]}
 
 
 def test_main_loop_of_a_kernel_without_a_loop_is_the_whole_kernel():
