@@ -145,6 +145,11 @@ MUTANTS = [
            "        if not EVEN_N:\n            if L_full < 0:\n                dq = _dq_tile(",
            "dQ: the partial last key tile skipped",
            T_ATTN_KERNEL),
+    Mutant("A24", ATTN_KERNEL,
+           "        n0 = i + skip * (i >= before).to(tl.int32)\n",
+           "        n0 = i\n",
+           "forward: the off-band loop never skips the band (the tiles after it are not read; the band's twice)",
+           T_ATTN_KERNEL),
     # ---- conditional layer norm ----
     Mutant("L3", LN_KERNEL,
            "rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, 1) / D + eps)",
