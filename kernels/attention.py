@@ -44,9 +44,11 @@ for LB rows. The dropout counter is (i·Ls + j, s·H + h), i and j counted from
 the sequence start.
 
 Bounds: the loops over key tiles (query tiles in dK/dV) run full tiles only,
-with no bounds mask; a partial last tile, the tail, runs once after them with
-its masks (EVEN_N / EVEN_M compile it out when L is a multiple of the tile, as
-EVEN_D does the head-dim masks). A program's own rows past L load zeros, and
+with no bounds mask; a partial last tile, the tail, runs once before them with
+its masks (after them, its live values spilled at d128 on sm_80 / sm_86;
+EVEN_N / EVEN_M compile it out when L is a multiple of the tile, as EVEN_D
+does the head-dim masks). The full tiles off the diagonal band run in one
+loop, the band's (with their bias tiles) in another. A program's own rows past L load zeros, and
 its bias and dropout pointers read row L - 1 instead: computed, never stored.
 Packed sequences thus pay for masks on one tile per sequence, not on every tile.
 
@@ -154,7 +156,7 @@ def _off_band(band_first, band_hi, after, L_full, EVEN: tl.constexpr):
 @triton.jit
 def _full(L, BLOCK: tl.constexpr, EVEN: tl.constexpr):
     """The end of the full tiles of BLOCK: the loops run [0, L_full) unmasked, and a partial tile at L_full, the
-    tail, runs once after them with its bounds masks. EVEN (L a multiple of BLOCK) compiles the tail out."""
+    tail, runs once before them with its bounds masks. EVEN (L a multiple of BLOCK) compiles the tail out."""
     if EVEN:
         return L
     else:
