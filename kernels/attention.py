@@ -8,12 +8,17 @@ t = index[b] the example's row of the FiLM-modulated block table T [G, L_max, c]
     P = softmax_j(S),   O = (P ∘ Z / (1 - p)) V
 
 kb is the key bias: 0 / -inf for a key padding mask, or the published
-additive (1 - mask)·-10000. Z is the dropout keep mask.
+additive (1 - mask)·-10000. Z is the dropout keep mask. The forward adds kb
+on the tensor cores, as one more MMA per key tile (_key_bias_operand_kernel
+says how); the backward adds it in fp32.
 
 The launches, per forward: ``_dense_bias_kernel`` expands T once into the
-dense per-task bias M·log2(e) [G, L, L] fp32 (256 KB per task at L = 128), so
-that the attention kernels read bias tiles as dense rows, and only on the key
-tiles that meet the diagonal band; with dropout, ``_dropout_mask_kernel``
+dense per-task bias M·log2(e) [G, L, L'] fp32 (256 KB per task at L = 128;
+rows padded to L' = L rounded up to 16, so bias loads stay 16-byte vectors at
+any L), so that the attention kernels read bias tiles as dense rows, and only
+on the key tiles that meet the diagonal band; with a key mask,
+``_key_bias_operand_kernel`` turns it into kb and the forward's operand; with
+dropout, ``_dropout_mask_kernel``
 draws Z once as a bit mask [B·H, L, 2·⌈L/64⌉ words] (Philox4x32-10 on the
 counter (i·L + j, b·H + h), the first output as a uniform, kept when >= p),
 which the forward and both backward kernels read; then ``_fwd_kernel``, the
@@ -29,7 +34,7 @@ Backward, with Δ_i = Σ_d dO[i, d]·O[i, d]:
 
 ``_bwd_dq_kernel`` runs a query tile for a group of heads one after the other,
 so it sums dS over those heads in its own dense band tiles of DS_SUM
-[B, groups, L, L] (no [B, H, L, c] in memory); it also writes Δ for
+[B, groups, L, L'] (no [B, H, L, c] in memory); it also writes Δ for
 ``_bwd_dkdv_kernel``. ``_bwd_dtable_kernel`` then sums DS_SUM's band over the
 head groups and over each task's examples, in a fixed order, into dT
 [G, L_max, c]: every sum is deterministic, with no atomics.
@@ -72,6 +77,8 @@ from ._common import dot_flags, gpu_capability, interpreting, require_tf32, targ
 
 LOG2E = tl.constexpr(1.4426950408889634)  # scores run in base 2: exp(x) = exp2(x·log2(e))
 LN2 = tl.constexpr(0.6931471805599453)  # and back: LSE = ln 2 · log2-sum-exp2
+KB_K = tl.constexpr(16)  # the key bias operand's width: the smallest MMA reduction (k = 16)
+KB_ONE = tl.constexpr(16.0)  # its "ones" column: kb enters as 16·(hi + lo), so that hi, lo = kb / (16·scale) fit fp16
 
 
 @triton.jit
@@ -183,8 +190,55 @@ def _rows_in(offs, L, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _dense_bias_kernel(TABLE, BIAS, stg, stl, stc, L, C, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """BIAS[g, i, j] = log2(e)·T[g, i, j - c·(i // c)] on the diagonal blocks, 0 elsewhere ([G, L, L] fp32)."""
+def _key_bias_operand_kernel(KEY_MASK, OUT, KB32, skb, skl, L, inv_scale, IS_BOOL: tl.constexpr, TF32: tl.constexpr,
+                             BLOCK: tl.constexpr):
+    """OUT[b, j, :] = (hi, lo, 0, ..., 0) [B, L, KB_K] in OUT's dtype, with hi + lo = x = kb[b, j] / (KB_ONE·scale)
+    to 16 bits (bf16), 22 (fp16) or 21 (fp32 as TF32); kb = 0 / -inf for a bool mask (True: keep), else the value.
+    KB32 [B, L] = kb in fp32, for the backward kernels.
+
+    The forward adds kb on the tensor cores: [BLOCK_M, KB_K] "ones" (KB_ONE in columns 0 and 1) times this
+    operand's [KB_K, BLOCK_N] tile is KB_ONE·(hi + lo) = kb / scale in every row, which the scale multiply then
+    turns into kb·scale·log2(e). One more MMA per key tile instead of one FFMA per score, plus the key bias row's
+    shared-memory round trip: the loop with key padding is 13-20% shorter at d <= 64. (dQ's 8-warp tiles hold too
+    few scores per thread for it to pay, so the backward adds KB32 as before.) fp16 clamps a finite x to its
+    finite range: a larger finite kb stays a huge finite bias, not -inf.
+    """
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    b = tl.program_id(1).to(tl.int64)
+    ok = offs < L
+    raw = tl.load(KEY_MASK + b * skb + offs * skl, mask=ok, other=0)
+    if IS_BOOL:
+        kb = tl.where(raw != 0, 0.0, float("-inf"))
+    else:
+        kb = raw.to(tl.float32)
+    tl.store(KB32 + b * L + offs, kb, mask=ok)
+    x = kb * inv_scale
+    if TF32:  # round hi to TF32 (10 mantissa bits, nearest) so that the MMA takes it exactly; inf stays inf
+        hi = ((x.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+    else:
+        if OUT.dtype.element_ty == tl.float16:  # finite values only: -inf (a masked key) stays -inf
+            x = tl.where(tl.abs(x) < float("inf"), tl.minimum(tl.maximum(x, -65504.0), 65504.0), x)
+        hi = x.to(OUT.dtype.element_ty).to(tl.float32)
+    finite = tl.abs(hi) < float("inf")
+    lo = tl.where(finite, x - tl.where(finite, hi, 0.0), 0.0)  # -inf: hi carries it, lo = 0 (not inf - inf)
+    col = tl.arange(0, KB_K)
+    tile = tl.where(col[None, :] == 0, hi[:, None], tl.where(col[None, :] == 1, lo[:, None], 0.0))
+    tl.store(OUT + b * L * KB_K + offs[:, None] * KB_K + col[None, :], tile.to(OUT.dtype.element_ty),
+             mask=ok[:, None])
+
+
+@triton.jit
+def _plus_key_bias(s, kb_t, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+    """s + KB_ONE·(hi + lo) in each column j, kb_t [KB_K, N] the operand's tile (transposed), on the tensor cores."""
+    col = tl.arange(0, KB_K)
+    ones = tl.zeros([BLOCK_M, KB_K], tl.float32) + tl.where(col < 2, KB_ONE, 0.0)[None, :]
+    return tl.dot(ones.to(kb_t.dtype), kb_t, acc=s, input_precision=PRECISION)
+
+
+@triton.jit
+def _dense_bias_kernel(TABLE, BIAS, stg, stl, stc, L, LS, C, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """BIAS[g, i, j] = log2(e)·T[g, i, j - c·(i // c)] on the diagonal blocks, 0 elsewhere ([G, L, LS] fp32; 0 in
+    the padding columns j >= L too, so that the op's output is deterministic)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     g = tl.program_id(2).to(tl.int64)
@@ -192,7 +246,8 @@ def _dense_bias_kernel(TABLE, BIAS, stg, stl, stc, L, C, BLOCK_M: tl.constexpr, 
     in_range = (offs_m[:, None] < L) & (offs_n[None, :] < L)
     inside = (col >= 0) & (col < C) & in_range
     t = tl.load(TABLE + g * stg + offs_m[:, None] * stl + col * stc, mask=inside, other=0.0).to(tl.float32)
-    tl.store(BIAS + g * L * L + offs_m[:, None] * L + offs_n[None, :], t * LOG2E, mask=in_range)
+    tl.store(BIAS + g * L * LS + offs_m[:, None] * LS + offs_n[None, :], t * LOG2E,
+             mask=(offs_m[:, None] < L) & (offs_n[None, :] < LS))
 
 
 @triton.jit
@@ -221,7 +276,7 @@ def _dropout_mask_kernel(MASK, CU_SEQLENS, H, L, LB, W, dropout_p, seed, BLOCK_M
 
 @triton.jit
 def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_n_base, offs_d, d_ok, L, qk_scale, opaque_zero,
-              bias_rows, key_bias_row, mask_rows, bias_hi, skl, skd, svl, svd,
+              bias_tile, key_bias_row, mask_rows, bias_hi, skl, skd, svl, svd,
               WITH_BIAS: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, TAIL: tl.constexpr,
               EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, WORD: tl.constexpr):
@@ -231,17 +286,16 @@ def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_n_base, offs_d, d_ok, L
     n_ok = offs_n < L
     kT = _load_tile(k_base, offs_d, offs_n, skd, skl, d_ok, n_ok, not EVEN_D, TAIL, UPCAST)
     v = _load_tile(v_base, offs_n, offs_d, svl, svd, n_ok, d_ok, TAIL, not EVEN_D, UPCAST)
-    s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
-    if WITH_BIAS:  # bias_rows: rows past L point at row L - 1 (finite, never stored)
+    s = tl.dot(q, kT, input_precision=PRECISION)
+    if HAS_KEY_BIAS:  # key_bias_row: the operand's rows, key n at + n·KB_K
+        kb_t = _load_tile(key_bias_row, tl.arange(0, KB_K), offs_n, 1, KB_K, n_ok, n_ok, False, TAIL, UPCAST)
+        s = _plus_key_bias(s, kb_t, BLOCK_M, PRECISION)
+    s = s * qk_scale
+    if WITH_BIAS:  # bias_tile: the tile at key 0; rows past L point at row L - 1 (finite, never stored)
         if TAIL:
-            s += tl.load(bias_rows + offs_n[None, :], mask=(offs_n < bias_hi)[None, :], other=0.0)
+            s += tl.load(bias_tile + n0, mask=(offs_n < bias_hi)[None, :], other=0.0)
         else:
-            s += tl.load(bias_rows + offs_n[None, :])
-    if HAS_KEY_BIAS:
-        if TAIL:
-            s += tl.load(key_bias_row + offs_n, mask=n_ok, other=0.0)[None, :] * LOG2E
-        else:
-            s += tl.load(key_bias_row + offs_n)[None, :] * LOG2E
+            s += tl.load(bias_tile + n0)
     if TAIL:
         s = tl.where(n_ok[None, :], s, float("-inf"))  # key n0 < L is in: every row keeps a finite max
     m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: m_i starts at -FLT_MAX, so a row of -inf keys gives p = 0
@@ -257,7 +311,7 @@ def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_n_base, offs_d, d_ok, L
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
                 sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod, skbb,
-                H, L, LB, C, D, W, N_TOKENS, qk_scale, dropout_p,
+                H, L, LB, LS, C, D, W, N_TOKENS, qk_scale, dropout_p,
                 HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
                 EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WORD: tl.constexpr,
@@ -281,7 +335,9 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
                    not EVEN_D, UPCAST)
     k_base = _slab(K, b, h, first, skb, skh, skl, VARLEN)
     v_base = _slab(V, b, h, first, svb, svh, svl, VARLEN)
-    bias_rows = BIAS + tl.load(INDEX + b).to(tl.int64) * LB * LB + rows[:, None] * LB
+    # The bias tile at key 0 as loop-invariant pointers, advanced by a scalar per key tile: one add per loaded
+    # chunk (from rows' pointers and the tile's offsets, ptxas recomputed each chunk's address: 18 instructions more).
+    bias_tile = BIAS + tl.load(INDEX + b).to(tl.int64) * LB * LS + (rows[:, None] * LS + offs_n_base[None, :])
     key_bias_row = KEY_BIAS + b.to(tl.int64) * skbb
     mask_rows = MASK + pid_bh.to(tl.int64) * LB * W + rows[:, None] * W
     # -FLT_MAX, not -inf: the running max stays finite, so exp2(s - m) needs no guard when a row's keys are all
@@ -296,7 +352,7 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
         if L_full < L:  # the tail meets the band iff it starts before band_hi
             bias_hi = L * (L_full < band_hi).to(tl.int32)
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, L_full, offs_n_base, offs_d, d_ok, L,
-                                      qk_scale, opaque_zero, bias_rows, key_bias_row, mask_rows, bias_hi, skl, skd,
+                                      qk_scale, opaque_zero, bias_tile, key_bias_row, mask_rows, bias_hi, skl, skd,
                                       svl, svd, HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT, True, EVEN_D, UPCAST,
                                       PRECISION, BLOCK_M, BLOCK_N, WORD)
     # The full tiles off the band (before it, then after it) in one loop, then the band's tiles with their bias.
@@ -304,13 +360,13 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
     for i in range(0, off_end, BLOCK_N):
         n0 = i + skip * (i >= before).to(tl.int32)
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_n_base, offs_d, d_ok, L, qk_scale,
-                                  opaque_zero, bias_rows, key_bias_row, mask_rows, L, skl, skd, svl, svd,
+                                  opaque_zero, bias_tile, key_bias_row, mask_rows, L, skl, skd, svl, svd,
                                   False, HAS_KEY_BIAS, DROPOUT, False, EVEN_D, UPCAST, PRECISION, BLOCK_M,
                                   BLOCK_N, WORD)
     if HAS_BLOCK_BIAS:
         for n0 in range(band_first, band_end, BLOCK_N):
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_n_base, offs_d, d_ok, L, qk_scale,
-                                      opaque_zero, bias_rows, key_bias_row, mask_rows, L, skl, skd, svl, svd,
+                                      opaque_zero, bias_tile, key_bias_row, mask_rows, L, skl, skd, svl, svd,
                                       True, HAS_KEY_BIAS, DROPOUT, False, EVEN_D, UPCAST, PRECISION, BLOCK_M,
                                       BLOCK_N, WORD)
     if DROPOUT:
@@ -347,9 +403,9 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, n0, offs_n_base, offs_d, ro
     if WITH_BIAS:
         if on_band:
             if TAIL:
-                s += tl.load(bias_rows + offs_n[None, :], mask=n_ok[None, :], other=0.0)
+                s += tl.load(bias_rows + n0, mask=n_ok[None, :], other=0.0)
             else:
-                s += tl.load(bias_rows + offs_n[None, :])
+                s += tl.load(bias_rows + n0)
     if HAS_KEY_BIAS:
         if TAIL:
             s += tl.load(key_bias_row + offs_n, mask=n_ok, other=0.0)[None, :] * LOG2E
@@ -365,7 +421,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, n0, offs_n_base, offs_d, ro
     dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     if WITH_BIAS:
         if on_band:
-            ptrs = ds_rows + offs_n[None, :]
+            ptrs = ds_rows + n0
             if EVEN_M and not TAIL:
                 if first_head:
                     tl.store(ptrs, ds)
@@ -387,7 +443,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, n0, offs_n_base, offs_d, ro
 def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, DS_SUM, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
                    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdob, sdoh, sdol, sdod,
                    sob, soh, sol, sod, sgb, sgh, sgl, sgd, skbb,
-                   H, L, LB, C, D, W, N_TOKENS, qk_scale, dropout_p,
+                   H, L, LB, LS, C, D, W, N_TOKENS, qk_scale, dropout_p,
                    HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
                    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WORD: tl.constexpr,
@@ -396,7 +452,7 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, DS_SUM, BIAS, INDEX, KEY_BIAS
     """dQ for a query tile of HEADS_PER_PROGRAM heads (group program_id(2)), one head after the other.
 
     Writes DELTA = rowsum(dO·O) [B·H, L] (read by _bwd_dkdv_kernel, launched after) and, on the band tiles, the
-    sum of dS over the group's heads into DS_SUM [B, groups, L, L] (this program owns those rows: no atomics).
+    sum of dS over the group's heads into DS_SUM [B, groups, L, L'] (this program owns those rows: no atomics).
     """
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
@@ -412,9 +468,11 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, DS_SUM, BIAS, INDEX, KEY_BIAS
     row_ok = offs_m < L
     d_ok = offs_d < D
     rows = _rows_in(offs_m, L, EVEN_M)
-    bias_rows = BIAS + tl.load(INDEX + b).to(tl.int64) * LB * LB + rows[:, None] * LB
+    # Tiles at key 0 as loop-invariant pointers, advanced by n0 (see _fwd_kernel).
+    bias_rows = BIAS + tl.load(INDEX + b).to(tl.int64) * LB * LS + (rows[:, None] * LS + offs_n_base[None, :])
     key_bias_row = KEY_BIAS + b.to(tl.int64) * skbb
-    ds_rows = DS_SUM + (b.to(tl.int64) * tl.num_programs(2) + group) * LB * LB + offs_m[:, None] * LB
+    ds_rows = (DS_SUM + (b.to(tl.int64) * tl.num_programs(2) + group) * LB * LS
+               + (offs_m[:, None] * LS + offs_n_base[None, :]))
     dropout_scale = 1.0 / (1.0 - dropout_p)
     band_lo, band_hi = _band(m0, L, C, BLOCK_M)
     band_first = band_lo // BLOCK_N * BLOCK_N
@@ -458,8 +516,8 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, DS_SUM, BIAS, INDEX, KEY_BIAS
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, n0, offs_d, d_ok, L, LB, qk_scale, bias_cols,
-               key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p, bias_hi, sql, sqd, sdol, sdod, W,
+def _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, n0, offs_d, d_ok, L, LS, qk_scale, bias_cols,
+               bias_tile, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p, bias_hi, sql, sqd, sdol, sdod, W,
                WITH_BIAS: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, TAIL: tl.constexpr,
                EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, WORD: tl.constexpr):
@@ -480,9 +538,9 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, n0, offs_d, d_ok,
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if WITH_BIAS:  # bias_cols: keys past L point at key L - 1 (their dK, dV rows are not stored)
         if TAIL:
-            s += tl.load(bias_cols + rows[:, None] * LB, mask=(offs_m < bias_hi)[:, None], other=0.0)
+            s += tl.load(bias_cols + rows[:, None] * LS, mask=(offs_m < bias_hi)[:, None], other=0.0)
         else:
-            s += tl.load(bias_cols + rows[:, None] * LB)
+            s += tl.load(bias_tile + m0 * LS)
     if HAS_KEY_BIAS:
         s += key_bias[None, :]
     p = tl.exp2(s - lse2[:, None])
@@ -503,7 +561,7 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, n0, offs_d, d_ok,
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
                      sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdob, sdoh, sdol, sdod,
                      sgb, sgh, sgl, sgd, skbb,
-                     H, L, LB, C, D, W, N_TOKENS, qk_scale, dropout_p,
+                     H, L, LB, LS, C, D, W, N_TOKENS, qk_scale, dropout_p,
                      HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
                      EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WORD: tl.constexpr,
@@ -528,7 +586,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, INDEX, KEY_BIAS, MAS
                    not EVEN_D, UPCAST)
     v = _load_tile(_slab(V, b, h, first, svb, svh, svl, VARLEN), offs_n, offs_d, svl, svd, n_ok, d_ok, not EVEN_N,
                    not EVEN_D, UPCAST)
-    bias_cols = BIAS + tl.load(INDEX + b).to(tl.int64) * LB * LB + _rows_in(offs_n, L, EVEN_N)[None, :]
+    bias_cols = BIAS + tl.load(INDEX + b).to(tl.int64) * LB * LS + _rows_in(offs_n, L, EVEN_N)[None, :]
+    bias_tile = bias_cols + offs_m_base[:, None] * LS  # the full tiles' at query 0, advanced by m0·LS
     key_bias = tl.zeros([BLOCK_N], tl.float32)
     if HAS_KEY_BIAS:
         key_bias = tl.load(KEY_BIAS + b.to(tl.int64) * skbb + offs_n, mask=n_ok, other=0.0) * LOG2E
@@ -545,23 +604,24 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, INDEX, KEY_BIAS, MAS
     if not EVEN_M:
         if L_full < L:  # the tail meets the band iff it starts before band_hi
             bias_hi = L * (L_full < band_hi).to(tl.int32)
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, L_full, offs_m_base, n0, offs_d, d_ok, L, LB,
-                                qk_scale, bias_cols, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p,
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, L_full, offs_m_base, n0, offs_d, d_ok, L, LS,
+                                qk_scale, bias_cols, bias_tile, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p,
                                 bias_hi, sql, sqd, sdol, sdod, W, HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT, True,
                                 EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
     # The full query tiles off the band (before it, then after it) in one loop, then the band's, with their bias.
     before, band_end, skip, off_end = _off_band(band_first, band_hi, after, L_full, EVEN_M)
     for i in range(0, off_end, BLOCK_M):
         m0 = i + skip * (i >= before).to(tl.int32)
-        dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, n0, offs_d, d_ok, L, LB, qk_scale,
-                            bias_cols, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p, L, sql, sqd, sdol, sdod, W,
-                            False, HAS_KEY_BIAS, DROPOUT, False, EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, n0, offs_d, d_ok, L, LS, qk_scale,
+                            bias_cols, bias_tile, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p, L, sql, sqd,
+                            sdol, sdod, W, False, HAS_KEY_BIAS, DROPOUT, False, EVEN_D, UPCAST, PRECISION, BLOCK_M,
+                            BLOCK_N, WORD)
     if HAS_BLOCK_BIAS:
         for m0 in range(band_first, band_end, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, n0, offs_d, d_ok, L, LB, qk_scale,
-                                bias_cols, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p, L, sql, sqd, sdol,
-                                sdod, W, True, HAS_KEY_BIAS, DROPOUT, False, EVEN_D, UPCAST, PRECISION, BLOCK_M,
-                                BLOCK_N, WORD)
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, n0, offs_d, d_ok, L, LS, qk_scale,
+                                bias_cols, bias_tile, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p, L, sql,
+                                sqd, sdol, sdod, W, True, HAS_KEY_BIAS, DROPOUT, False, EVEN_D, UPCAST, PRECISION,
+                                BLOCK_M, BLOCK_N, WORD)
     dv = dv * dropout_scale  # 1 without dropout
     # DK and DV are contiguous and alike: one set of strides (sg*) serves both.
     grad_offs = offs_n[:, None] * sgl + offs_d[None, :] * sgd
@@ -576,25 +636,25 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, INDEX, KEY_BIAS, MAS
 
 
 @triton.jit
-def _bwd_dtable_kernel(DS_SUM, INDEX, DTABLE, CU_SEQLENS, B, GROUPS, L, LB, C, L_MAX, stg, stl, stc, dropout_p,
+def _bwd_dtable_kernel(DS_SUM, INDEX, DTABLE, CU_SEQLENS, B, GROUPS, L, LB, LS, C, L_MAX, stg, stl, stc, dropout_p,
                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, VARLEN: tl.constexpr = False):
     """DTABLE[g, i, col] = Σ_{b: index[b] = g} Σ_groups DS_SUM[b, ·, i, c·(i // c) + col], in float64, in the
     order b = 0, 1, ... (deterministic); rows L .. L_max get 0 (no gradient reached them). DS_SUM is
-    [B, GROUPS, LB, LB]; varlen, b is a sequence and only its Ls×Ls corner counts. With dropout, DS_SUM holds
+    [B, GROUPS, LB, LS]; varlen, b is a sequence and only its Ls×Ls corner counts. With dropout, DS_SUM holds
     dS·(1 - p) (see _dq_tile): the sum is scaled back by 1 / (1 - p)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     g = tl.program_id(1)
     offs_c = tl.arange(0, BLOCK_C)
     cols = ((offs_m // C) * C)[:, None] + offs_c[None, :]
     total = tl.zeros([BLOCK_M, BLOCK_C], tl.float64)
-    example = DS_SUM + offs_m[:, None] * LB + cols  # example b's band; pointer steps keep the offsets 64-bit
+    example = DS_SUM + offs_m[:, None] * LS + cols  # example b's band; pointer steps keep the offsets 64-bit
     for b in range(0, B):
         if tl.load(INDEX + b) == g:
             _, Lb = _sequence(CU_SEQLENS, b, L, VARLEN)
             inside = (offs_m[:, None] < Lb) & (offs_c[None, :] < C) & (cols < Lb)  # the rest was never written
             for group in range(0, GROUPS):
-                total += tl.load(example + group * LB * LB, mask=inside, other=0.0).to(tl.float64)
-        example += GROUPS * LB * LB
+                total += tl.load(example + group * LB * LS, mask=inside, other=0.0).to(tl.float64)
+        example += GROUPS * LB * LS
     total = total * (1.0 / (1.0 - dropout_p))  # 1 without dropout
     tl.store(DTABLE + g.to(tl.int64) * stg + offs_m[:, None] * stl + offs_c[None, :] * stc,
              total.to(tl.float32).to(DTABLE.dtype.element_ty), mask=(offs_m[:, None] < L_MAX) & (offs_c[None, :] < C))
@@ -688,15 +748,42 @@ def _mask_words(L: int, word: int) -> int:
     return triton.cdiv(L, 64) * (64 // word)
 
 
+def row_stride(L: int) -> int:
+    """The row stride of the dense bias and of DS_SUM: L rounded up to 16 elements, so that their rows start on
+    64-byte boundaries and triton specializes it as a multiple of 16: the loops' bias loads stay 16-byte vectors at
+    any L (an odd one made them scalar: at L = 120, 26 more instructions in the forward's band loop)."""
+    return triton.cdiv(L, 16) * 16
+
+
 def dense_bias(table: torch.Tensor, L: int) -> torch.Tensor:
-    """log2(e)·M for every task: [G, L, L] fp32, the diagonal blocks of the table's top-left L×L corner."""
+    """log2(e)·M for every task: [G, L, row_stride(L)] fp32 (columns from L on unused), the diagonal blocks of the
+    table's top-left L×L corner."""
     G, _, C = table.shape
-    bias = torch.empty((G, L, L), dtype=torch.float32, device=table.device)
+    bias = torch.empty((G, L, row_stride(L)), dtype=torch.float32, device=table.device)
     if bias.numel():
         block = 16 if interpreting() else 64
-        _dense_bias_kernel[(triton.cdiv(L, block), triton.cdiv(L, block), G)](
-            table, bias, *table.stride(), L, C, BLOCK_M=block, BLOCK_N=block)
+        _dense_bias_kernel[(triton.cdiv(L, block), triton.cdiv(bias.shape[2], block), G)](
+            table, bias, *table.stride(), L, bias.shape[2], C, BLOCK_M=block, BLOCK_N=block)
     return bias
+
+
+def key_bias_operands(key_mask: torch.Tensor, scale: float, dtype: torch.dtype):
+    """The key bias from a [B, L] mask, bool (True: keep; else 0 / -inf) or numbers (added to the scores as they
+    are): (the forward's tensor-core operand [B, L, KB_K] in dtype, kb [B, L] fp32 for the backward)."""
+    B, L = key_mask.shape
+    operand = torch.empty((B, L, KB_K.value), dtype=dtype, device=key_mask.device)
+    kb32 = torch.empty((B, L), dtype=torch.float32, device=key_mask.device)
+    if kb32.numel():
+        block = 16 if interpreting() else 128
+        _key_bias_operand_kernel[(triton.cdiv(L, block), B)](
+            key_mask, operand, kb32, *key_mask.stride(), L, 1.0 / (KB_ONE.value * scale),
+            IS_BOOL=key_mask.dtype == torch.bool, TF32=dtype == torch.float32, BLOCK=block)
+    return operand, kb32
+
+
+def key_bias_shape(B: int, L: int, has_key_mask: bool) -> tuple:
+    """The shape of the forward's fp32 key bias kb (saved for the backward): [B, L], or (0,) without a key mask."""
+    return (B, L) if has_key_mask else (0,)
 
 
 def dropout_mask_shape(programs: int, L: int, d: int, dtype: torch.dtype, dropout_p: float) -> tuple:
@@ -729,8 +816,9 @@ def heads_per_program(B: int, H: int, L: int, block_m: int, device: torch.device
     return 1
 
 
-def _forward(q, k, v, table, index, key_bias, scale, dropout_p, seed, cu_seqlens=None, max_seqlen=None):
-    """Padded (q [B, H, L, d]) or packed (q [N, H, d], cu_seqlens [S+1], max_seqlen): the forward's launches."""
+def _forward(q, k, v, table, index, key_mask, scale, dropout_p, seed, cu_seqlens=None, max_seqlen=None):
+    """Padded (q [B, H, L, d]) or packed (q [N, H, d], cu_seqlens [S+1], max_seqlen): the forward's launches.
+    Returns (out, lse, bias, mask, key_bias): the last three are what the backward reads again."""
     require_tf32(q.dtype, q.device, "conditional_attention")
     varlen = cu_seqlens is not None
     if varlen:
@@ -750,17 +838,21 @@ def _forward(q, k, v, table, index, key_bias, scale, dropout_p, seed, cu_seqlens
         mask = _dropout_mask(B * H, H, L, dropout_p, seed, word, q.device, cu_seqlens)
     else:
         mask = torch.empty(dropout_mask_shape(B * H, L, D, q.dtype, dropout_p), dtype=torch.int32, device=q.device)
+    has_kb = key_mask is not None
+    if has_kb and out.numel():
+        kb_operand, key_bias = key_bias_operands(key_mask, scale, q.dtype)
+    else:
+        key_bias = torch.empty(key_bias_shape(B, L, has_kb), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
-        return out, lse, bias, mask
-    has_kb = key_bias is not None
+        return out, lse, bias, mask, key_bias
     _fwd_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), B * H)](
-        q, k, v, out, lse, bias, index, key_bias if has_kb else lse, mask if dropout else lse,
+        q, k, v, out, lse, bias, index, kb_operand if has_kb else lse, mask if dropout else lse,
         cu_seqlens if varlen else lse,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out), key_bias.stride(0) if has_kb else 0,
-        H, L, L, table.shape[2], D, _mask_words(L, word), N_TOKENS, scale * LOG2E.value, dropout_p,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), kb_operand.stride(0) if has_kb else 0,
+        H, L, L, bias.shape[2], table.shape[2], D, _mask_words(L, word), N_TOKENS, scale * LOG2E.value, dropout_p,
         HAS_KEY_BIAS=has_kb, DROPOUT=dropout, **_even(L, D, cfg, varlen), WORD=word, VARLEN=varlen, **cfg,
     )
-    return out, lse, bias, mask
+    return out, lse, bias, mask, key_bias
 
 
 def _backward(dout, q, k, v, out, lse, bias, mask, table, index, key_bias, scale, dropout_p, cu_seqlens=None,
@@ -783,13 +875,13 @@ def _backward(dout, q, k, v, out, lse, bias, mask, table, index, key_bias, scale
     hpp = heads_per_program(B, H, L, cfg["dq"]["BLOCK_M"], q.device)
     groups = H // hpp
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)  # written by the dq kernel
-    ds_sum = torch.empty((B, groups, L, L), dtype=torch.float32, device=q.device)  # only band tiles are written
+    ds_sum = torch.empty((B, groups, L, bias.shape[2]), dtype=torch.float32, device=q.device)  # band tiles only
     has_kb = key_bias is not None
     dropout = dropout_p > 0.0
     kb = key_bias if has_kb else lse
     bits = mask if dropout else lse
     cu = cu_seqlens if varlen else lse
-    common = (H, L, L, C, D, _mask_words(L, word), N_TOKENS, scale * LOG2E.value, dropout_p)
+    common = (H, L, L, bias.shape[2], C, D, _mask_words(L, word), N_TOKENS, scale * LOG2E.value, dropout_p)
     flags = dict(HAS_KEY_BIAS=has_kb, DROPOUT=dropout, WORD=word, VARLEN=varlen)
     kb_stride = key_bias.stride(0) if has_kb else 0
     # The dq kernel runs first: it writes delta, which the dkdv kernel reads (same stream, so ordered).
@@ -804,26 +896,29 @@ def _backward(dout, q, k, v, out, lse, bias, mask, table, index, key_bias, scale
     dtable = torch.empty_like(table)
     block_m = 16 if interpreting() else 32
     _bwd_dtable_kernel[(triton.cdiv(L_max, block_m), G)](
-        ds_sum, index, dtable, cu, B, groups, L, L, C, L_max, *dtable.stride(), dropout_p,
+        ds_sum, index, dtable, cu, B, groups, L, L, bias.shape[2], C, L_max, *dtable.stride(), dropout_p,
         BLOCK_M=block_m, BLOCK_C=triton.next_power_of_2(C), VARLEN=varlen)
     return dq, dk, dv, dtable
 
 
-def attention_forward(q, k, v, table, index, key_bias, scale, dropout_p, seed):
-    """Launches the forward. Returns (out [B, H, L, d], lse [B, H, L] fp32, the dense bias [G, L, L], the dropout
-    bit mask (dropout_mask_shape)): the last two are what the backward reads again."""
-    return _forward(q, k, v, table, index, key_bias, scale, dropout_p, seed)
+def attention_forward(q, k, v, table, index, key_mask, scale, dropout_p, seed):
+    """Launches the forward; key_mask [B, L] bool (True: keep) or numbers (added), or None. Returns (out [B, H, L, d],
+    lse [B, H, L] fp32, the dense bias [G, L, row_stride(L)], the dropout bit mask (dropout_mask_shape), the key
+    bias [B, L] fp32 (key_bias_shape)): the last four are what the backward reads again."""
+    return _forward(q, k, v, table, index, key_mask, scale, dropout_p, seed)
 
 
 def attention_backward(dout, q, k, v, out, lse, bias, mask, table, index, key_bias, scale, dropout_p):
-    """Launches the backward. Returns dq, dk, dv (in q's layout and dtype) and dtable [G, L_max, c] (table's dtype)."""
+    """Launches the backward; key_bias: the forward's key bias [B, L] fp32, or None. Returns dq, dk, dv (in q's
+    layout and dtype) and dtable [G, L_max, c] (table's dtype)."""
     return _backward(dout, q, k, v, out, lse, bias, mask, table, index, key_bias, scale, dropout_p)
 
 
 def attention_forward_varlen(q, k, v, cu_seqlens, max_seqlen, table, index, scale, dropout_p, seed):
     """Packed: q, k, v [N, H, d], sequences cu_seqlens [S+1] of at most max_seqlen tokens, index [S]. Returns
-    (out [N, H, d], lse [H, N] fp32, the dense bias [G, max_seqlen, max_seqlen], the dropout bit mask)."""
-    return _forward(q, k, v, table, index, None, scale, dropout_p, seed, cu_seqlens, max_seqlen)
+    (out [N, H, d], lse [H, N] fp32, the dense bias [G, max_seqlen, row_stride(max_seqlen)], the dropout bit
+    mask)."""
+    return _forward(q, k, v, table, index, None, scale, dropout_p, seed, cu_seqlens, max_seqlen)[:4]
 
 
 def attention_backward_varlen(dout, q, k, v, out, lse, bias, mask, cu_seqlens, max_seqlen, table, index, scale,

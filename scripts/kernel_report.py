@@ -230,16 +230,18 @@ def collect_configs(archs=DEFAULT_ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, hid
             table = torch.empty((3, SEQ_LEN, C), dtype=dt, device=meta)
             index = torch.empty((BATCH,), dtype=torch.int64, device=meta)
             lse = torch.empty((BATCH, H, SEQ_LEN), dtype=torch.float32, device=meta)
-            bias = torch.empty((3, SEQ_LEN, SEQ_LEN), dtype=torch.float32, device=meta)
+            bias = torch.empty((3, SEQ_LEN, attention_k.row_stride(SEQ_LEN)), dtype=torch.float32, device=meta)
             variants = [(drop, kpad, False) for drop in (False, True) for kpad in (False, True)] + [(False, False, True)]
             for dropout, key_padding, yardstick in variants:
+                keep = torch.empty((BATCH, SEQ_LEN), dtype=torch.bool, device=meta) if key_padding else None
                 kb = torch.empty((BATCH, SEQ_LEN), dtype=torch.float32, device=meta) if key_padding else None
                 p = 0.1 if dropout else 0.0
                 fields = dict(dtype=dtype, head_dim=d, hidden_size=None, dropout=dropout, key_padding=key_padding,
                               variant="", yardstick=yardstick)
                 add(attention_k, {"_fwd_kernel": "attention_fwd", "_dense_bias_kernel": "attention_bias_expand",
-                                  "_dropout_mask_kernel": "attention_dropout_mask"},
-                    lambda: attention_k.attention_forward(q, k, v, table, index, kb, d ** -0.5, p, 1234), **fields)
+                                  "_dropout_mask_kernel": "attention_dropout_mask",
+                                  "_key_bias_operand_kernel": "attention_key_bias_operand"},
+                    lambda: attention_k.attention_forward(q, k, v, table, index, keep, d ** -0.5, p, 1234), **fields)
                 mask = torch.empty(attention_k.dropout_mask_shape(BATCH * H, SEQ_LEN, d, dt, p), dtype=torch.int32,
                                    device=meta)
                 add(attention_k, {"_bwd_dq_kernel": "attention_bwd_dq", "_bwd_dkdv_kernel": "attention_bwd_dkdv",

@@ -14,7 +14,7 @@ import camtl
 from camtl import ops
 import camtl.kernels.attention as attention_kernels
 from camtl.kernels.attention import _configs
-from camtl.ops.attention import _attention_fwd, draw_dropout_seed, key_bias_from_mask
+from camtl.ops.attention import _attention_fwd, draw_dropout_seed
 from conftest import assert_close, bert_config, graph_has, assert_independent_of_program_order
 
 
@@ -98,12 +98,63 @@ def test_padding(kind, device):
     compare_backends(tensors, index, torch.float32, mask)
 
 
-def test_fully_masked_example_gives_zeros(device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_float_key_bias_of_any_value_dtype_and_stride(dtype, device):
+    """A float key bias with random values (not only 0 / -10000), in bf16 and as a strided view: the forward adds
+    it on the tensor cores as hi + lo (key_bias_operands), the backward as fp32; both match the reference."""
+    B, L = 3, 21
+    tensors, index = make(B, 2, L, 32, 2, 24, 6, dtype, device)
+    # fp32 (exact products under the interpreter) checks hi + lo to 1e-5; in bf16 a peaked softmax alone puts the
+    # table's gradient past 2e-2 (the kernels before this operand did the same), so the half types take milder biases.
+    wide = torch.randn(B, 2 * L, device=device) * (3.0 if dtype == torch.float32 else 0.5)
+    wide[1, 2 * 13:] = -10000.0  # example 1 padded from key 13 on
+    compare_backends(tensors, index, dtype, wide[:, ::2].to(torch.bfloat16))
+    compare_backends(tensors, index, dtype, wide[:, ::2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_key_bias_operands_split_the_bias_exactly(dtype, device, monkeypatch):
+    """key_bias_operands against the rule written out here: x = kb / (16·scale) = hi + lo, hi in dtype (TF32,
+    rounded to nearest, for fp32), lo the rest in dtype; zeros in the other columns; -inf as (-inf, 0); fp16
+    clamps to its finite range; kb32 is kb."""
+    scale = 0.125
+    kb = torch.randn(2, 37, device=device, dtype=torch.float64) * 50.0
+    kb[0, 3], kb[1, 5], kb[1, 6] = float("-inf"), -1e9, 0.0
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))  # poison
+    operand, kb32 = attention_kernels.key_bias_operands(kb, scale, dtype)
+    monkeypatch.undo()
+    assert operand.shape == (2, 37, 16) and operand.dtype == dtype and kb32.dtype == torch.float32
+    assert torch.equal(kb32, kb.float())
+    assert (operand[..., 2:] == 0).all()
+    x = kb.float() / (16 * scale)
+    if dtype == torch.float16:
+        x = torch.where(x.isinf(), x, x.clamp(-65504.0, 65504.0))
+    hi, lo = operand[..., 0].float(), operand[..., 1].float()
+    if dtype == torch.float32:  # TF32: 10 mantissa bits, round to nearest, so the MMA takes hi exactly
+        assert torch.equal(hi, ((x.view(torch.int32) + 0x1000) & -8192).view(torch.float32))
+    finite = x.isfinite()
+    ulp = {torch.float32: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}[dtype]
+    tol = {torch.float32: 2.0 ** -20, torch.bfloat16: 2.0 ** -15, torch.float16: 2.0 ** -20}[dtype]
+    assert ((x - hi).abs() <= ulp * x.abs())[finite].all(), "hi is x to the dtype's precision"
+    tiny = 2.0 ** -24 if dtype == torch.float16 else 0.0  # fp16's subnormal step: a lo near 0 keeps fewer bits
+    assert ((hi + lo - x).abs() <= tol * x.abs() + tiny)[finite].all(), "hi + lo is x to twice the precision"
+    assert hi[0, 3] == float("-inf") and lo[0, 3] == 0
+    if dtype == torch.float16:
+        assert hi[1, 5] == -65504.0 and lo[1, 5] == 0
+    keep = torch.rand(2, 37, device=device) > 0.3
+    operand, kb32 = attention_kernels.key_bias_operands(keep, scale, dtype)
+    assert torch.equal(kb32, torch.where(keep, 0.0, float("-inf")))
+    assert torch.equal(operand[..., 0].float(), kb32) and (operand[..., 1:] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fully_masked_example_gives_zeros(dtype, device):
     B, L = 2, 18
-    tensors, index = make(B, 2, L, 32, 2, 18, 6, torch.float32, device)
+    tensors, index = make(B, 2, L, 32, 2, 18, 6, dtype, device)
     keep = torch.ones(B, L, dtype=torch.bool, device=device)
     keep[1] = False
-    out = compare_backends(tensors, index, torch.float32, keep)
+    out = compare_backends(tensors, index, dtype, keep)
     assert (out[1] == 0).all()
 
 
@@ -242,8 +293,8 @@ def test_opcheck(masked, device):
     q, k, v = (torch.randn(B, H, L, d, device=device, requires_grad=True) for _ in range(3))
     table = torch.randn(2, L + 4, 6, device=device, requires_grad=True)
     keep = torch.arange(L, device=device)[None, :] < torch.tensor([L, 7], device=device)[:, None]
-    kb = key_bias_from_mask(keep, q) if masked else None
-    args = (q, k, v, table, torch.tensor([1, 0], device=device), kb, 0.2, 0.0, draw_dropout_seed(0.0))
+    args = (q, k, v, table, torch.tensor([1, 0], device=device), keep if masked else None, 0.2, 0.0,
+            draw_dropout_seed(0.0))
     torch.library.opcheck(_attention_fwd, args)
 
 
@@ -348,12 +399,13 @@ def test_int64_offsets_past_2_31_elements(device):
     q, k, v = (t.bfloat16() for t in (q, k, v))
     dout = torch.randn(B, H, L, d).bfloat16()
     scale = d ** -0.5
-    out, lse, bias, mask = attention_kernels.attention_forward(q, k, v, table, index, None, scale, 0.1, 3)
+    out, lse, bias, mask, _ = attention_kernels.attention_forward(q, k, v, table, index, None, scale, 0.1, 3)
     want = (out, lse) + attention_kernels.attention_backward(dout, q, k, v, out, lse, bias, mask, table, index,
                                                              None, scale, 0.1)
     views = far_apart([t.reshape(B, H * L * d) for t in (q, k, v, dout, out)], 2**30)  # b = 2 starts at 2^31
     hq, hk, hv, hdout, hout = (t.view(B, H, L, d) for t in views)
-    got_out, got_lse, bias, mask = attention_kernels.attention_forward(hq, hk, hv, table, index, None, scale, 0.1, 3)
+    got_out, got_lse, bias, mask, _ = attention_kernels.attention_forward(hq, hk, hv, table, index, None, scale,
+                                                                         0.1, 3)
     got = (got_out, got_lse) + attention_kernels.attention_backward(hdout, hq, hk, hv, hout, got_lse, bias, mask,
                                                                     table, index, None, scale, 0.1)
     for name, g, w in zip(("out", "lse", "dq", "dk", "dv", "dtable"), got, want):

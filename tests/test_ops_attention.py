@@ -226,13 +226,13 @@ def test_opcheck_multi_tile(device):
     """The registered kernel op over several query and key tiles (16 under the interpreter), a partial last
     tile, diagonal blocks that straddle tiles, and a key padding mask that ends mid-tile."""
     from camtl.kernels.attention import _configs
-    from camtl.ops.attention import _attention_fwd, draw_dropout_seed, key_bias_from_mask
+    from camtl.ops.attention import _attention_fwd, draw_dropout_seed
 
     B, H, L, d = 2, 1, 40, 8
     q, k, v = (torch.randn(B, H, L, d, device=device, requires_grad=True) for _ in range(3))
     assert L > 2 * _configs(q)["fwd"]["BLOCK_M"], "the shape must span more than two tiles"
     table = torch.randn(2, 44, 6, device=device, requires_grad=True)
     keep = torch.arange(L, device=device)[None, :] < torch.tensor([40, 23], device=device)[:, None]
-    args = (q, k, v, table, torch.tensor([1, 0], device=device), key_bias_from_mask(keep, q), 0.3, 0.0,
+    args = (q, k, v, table, torch.tensor([1, 0], device=device), keep, 0.3, 0.0,
             draw_dropout_seed(0.0))
     torch.library.opcheck(_attention_fwd, args)

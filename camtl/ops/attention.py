@@ -276,23 +276,25 @@ def _unsupported_by_kernels(q, v, attn_mask) -> Optional[str]:
 
 @torch.library.custom_op("camtl::conditional_attention_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
-                   key_bias: Optional[torch.Tensor], scale: float, dropout_p: float,
-                   seed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out [B, H, L, d], lse [B, H, L] fp32, the dense bias [G, L, L] fp32, the dropout bit mask) of the
-    kernels; the last three are saved for the backward. key_bias [B, L] fp32 is added to the scores."""
+                   key_mask: Optional[torch.Tensor], scale: float, dropout_p: float, seed: torch.Tensor
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out [B, H, L, d], lse [B, H, L] fp32, the dense bias [G, L, L'] fp32 (L' = L rounded up to 16), the
+    dropout bit mask, the key bias [B, L] fp32) of the kernels; the last four are saved for the backward.
+    key_mask [B, L]: bool (True: keep) or float (added to the scores)."""
     from camtl.kernels.attention import attention_forward
 
-    return attention_forward(q, k, v, table, index, key_bias, scale, dropout_p, int(seed.item()))
+    return attention_forward(q, k, v, table, index, key_mask, scale, dropout_p, int(seed.item()))
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, table, index, key_bias, scale, dropout_p, seed):
-    from camtl.kernels.attention import dropout_mask_shape
+def _(q, k, v, table, index, key_mask, scale, dropout_p, seed):
+    from camtl.kernels.attention import dropout_mask_shape, key_bias_shape, row_stride
 
     B, H, L, d = q.shape
     return (q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32),
-            q.new_empty((table.shape[0], L, L), dtype=torch.float32),
-            q.new_empty(dropout_mask_shape(B * H, L, d, q.dtype, dropout_p), dtype=torch.int32))
+            q.new_empty((table.shape[0], L, row_stride(L)), dtype=torch.float32),
+            q.new_empty(dropout_mask_shape(B * H, L, d, q.dtype, dropout_p), dtype=torch.int32),
+            q.new_empty(key_bias_shape(B, L, key_mask is not None), dtype=torch.float32))
 
 
 @torch.library.custom_op("camtl::conditional_attention_bwd", mutates_args=())
@@ -300,7 +302,8 @@ def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                    lse: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor, table: torch.Tensor,
                    index: torch.Tensor, key_bias: Optional[torch.Tensor], scale: float, dropout_p: float
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, dtable). dtable sums the bias gradients over heads and per task, deterministically."""
+    """(dq, dk, dv, dtable); key_bias: the forward's key bias [B, L] fp32, or None. dtable sums the bias gradients over
+    heads and per task, deterministically."""
     from camtl.kernels.attention import attention_backward
 
     return attention_backward(dout, q, k, v, out, lse, bias, mask, table, index, key_bias, scale, dropout_p)
@@ -315,19 +318,19 @@ _checks.refuse_double_backward(_attention_bwd, "camtl.ops.conditional_attention"
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, table, index, key_bias, scale, dropout_p, seed = inputs
-    out, lse, bias, mask = output
+    q, k, v, table, index, key_mask, scale, dropout_p, seed = inputs
+    out, lse, bias, mask, key_bias = output
     ctx.save_for_backward(q, k, v, out, lse, bias, mask, table, index, key_bias)
-    ctx.scale, ctx.dropout_p = scale, dropout_p
+    ctx.scale, ctx.dropout_p, ctx.has_key_mask = scale, dropout_p, key_mask is not None
     ctx.set_materialize_grads(False)  # lse, bias and mask get no gradient: no zero tensors for them
 
 
-def _attention_backward(ctx, dout, dlse, dbias, dmask):
+def _attention_backward(ctx, dout, dlse, dbias, dmask, dkey_bias):
     q, k, v, out, lse, bias, mask, table, index, key_bias = ctx.saved_tensors
     if dout is None:  # grads are not materialized: out took no part in the loss
         return None, None, None, None, None, None, None, None, None
-    dq, dk, dv, dtable = _attention_bwd(dout, q, k, v, out, lse, bias, mask, table, index, key_bias, ctx.scale,
-                                        ctx.dropout_p)
+    dq, dk, dv, dtable = _attention_bwd(dout, q, k, v, out, lse, bias, mask, table, index,
+                                        key_bias if ctx.has_key_mask else None, ctx.scale, ctx.dropout_p)
     return dq, dk, dv, dtable, None, None, None, None, None
 
 
@@ -338,8 +341,9 @@ _attention_fwd.register_autograd(_attention_backward, setup_context=_attention_s
 def _attention_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                           max_seqlen: int, table: torch.Tensor, index: torch.Tensor, scale: float, dropout_p: float,
                           seed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Packed: (out [N, H, d], lse [H, N] fp32, the dense bias [G, max_seqlen, max_seqlen] fp32, the dropout bit
-    mask) for q, k, v [N, H, d] and sequences cu_seqlens [S+1]; the last three are saved for the backward."""
+    """Packed: (out [N, H, d], lse [H, N] fp32, the dense bias [G, max_seqlen, L'] fp32 (L' = max_seqlen rounded
+    up to 16), the dropout bit mask) for q, k, v [N, H, d] and sequences cu_seqlens [S+1]; the last three are saved
+    for the backward."""
     from camtl.kernels.attention import attention_forward_varlen
 
     return attention_forward_varlen(q, k, v, cu_seqlens, max_seqlen, table, index, scale, dropout_p,
@@ -348,12 +352,12 @@ def _attention_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
 
 @_attention_varlen_fwd.register_fake
 def _(q, k, v, cu_seqlens, max_seqlen, table, index, scale, dropout_p, seed):
-    from camtl.kernels.attention import dropout_mask_shape
+    from camtl.kernels.attention import dropout_mask_shape, row_stride
 
     N, H, d = q.shape
     S = cu_seqlens.shape[0] - 1
     return (q.new_empty(q.shape), q.new_empty((H, N), dtype=torch.float32),
-            q.new_empty((table.shape[0], max_seqlen, max_seqlen), dtype=torch.float32),
+            q.new_empty((table.shape[0], max_seqlen, row_stride(max_seqlen)), dtype=torch.float32),
             q.new_empty(dropout_mask_shape(S * H, max_seqlen, d, q.dtype, dropout_p), dtype=torch.int32))
 
 
@@ -397,16 +401,6 @@ def _attention_varlen_backward(ctx, dout, dlse, dbias, dmask):
 _attention_varlen_fwd.register_autograd(_attention_varlen_backward, setup_context=_attention_varlen_setup_context)
 
 
-def key_bias_from_mask(attn_mask: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
-    """A [B, L] key padding mask as the fp32 bias the kernels add: bool -> 0 / -inf, float -> itself."""
-    if attn_mask is None:
-        return None
-    if attn_mask.dtype == torch.bool:
-        # One op; .to is a no-op unless torch's default dtype is not float32.
-        return torch.where(attn_mask, 0.0, float("-inf")).to(torch.float32)
-    return attn_mask.to(torch.float32).contiguous()
-
-
 def draw_dropout_seed(dropout_p: float) -> torch.Tensor:
     """A Philox seed from torch's default generator, so torch.manual_seed makes dropout reproducible."""
     if dropout_p == 0.0:
@@ -420,8 +414,9 @@ def _triton_conditional_attention(q, k, v, table, index=None, attn_mask=None, dr
     if index is None:
         index = torch.arange(B, device=q.device)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    out = _attention_fwd(q, k, v, table, index.contiguous(), key_bias_from_mask(attn_mask, q), scale,
-                         float(dropout_p), draw_dropout_seed(dropout_p))[0]
+    # attn_mask: None or [B, L], bool (True: keep) or float (added): the forward turns it into its key bias operand
+    out = _attention_fwd(q, k, v, table, index.contiguous(), attn_mask, scale, float(dropout_p),
+                         draw_dropout_seed(dropout_p))[0]
     return out, None
 
 
