@@ -52,6 +52,7 @@ import io
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 import tempfile
@@ -61,6 +62,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 ARCHS = {"sm_90a": 90, "sm_80": 80, "sm_86": 86}
+NVDISASM_ARCHS = {"sm_90a": "SM90a", "sm_80": "SM80", "sm_86": "SM86"}
 DEFAULT_ARCHS = ("sm_90a", "sm_80")  # sm_86 (99 KB of shared memory per block) on request: --arch sm_86
 # The GPU each arch's launches are recorded for: (compute capability, SM count) of an H100 SXM, an A100, an A10.
 SIMULATED_GPUS = {"sm_90a": ((9, 0), 132), "sm_80": ((8, 0), 108), "sm_86": ((8, 6), 72)}
@@ -78,6 +80,9 @@ _SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", re.IGNORECASE)
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")  # nvdisasm: a branch target's label, on the line before it
 _LABEL_REF = re.compile(r"`\((\.L_x_\d+)\)")
 _BRANCH = re.compile(r"^(?:@!?U?P[T0-9]+\s+)?BRA(?:\.[A-Z.]+)?\s.*?(0x[0-9a-f]+)\s*$", re.IGNORECASE)
+# Instructions whose last operand is a code address (a branch, a call, a convergence barrier's target).
+_CODE_TARGET = re.compile(
+    r"^(?:@!?U?P[T0-9]+\s+)?(?:BRA|BSSY|CALL|JMP|SSY|PBK|PCNT)(?:\.[A-Z.]+)?\s.*?(0x[0-9a-f]+)\s*$", re.IGNORECASE)
 
 
 # ---- SASS reading ---------------------------------------------------------------------------------------------
@@ -125,7 +130,10 @@ def main_loop(sass: str) -> Dict[str, object]:
     innermost loop, inner every innermost loop's count in address order (the attention loops before the band, on
     it and after it). With no loop, n is the whole kernel and inner is empty.
     """
-    instructions = parse_sass(sass)
+    return _main_loop(parse_sass(sass))
+
+
+def _main_loop(instructions: List[tuple]) -> Dict[str, object]:
     if not instructions:
         raise ValueError("no SASS instructions found (is this nvdisasm or cuobjdump -sass output?)")
     spans = [(s, e, _count(instructions, s, e)) for s, e in find_loops(instructions)]
@@ -141,8 +149,62 @@ def main_loop(sass: str) -> Dict[str, object]:
 
 def tensor_core_op(sass: str) -> str:
     """wgmma if the kernel issues HGMMA, else mma.sync if it issues HMMA, else none."""
-    ops = {text.split()[0].split(".")[0] for _, text in parse_sass(sass)}
+    return _tensor_core_op(parse_sass(sass))
+
+
+def _tensor_core_op(instructions: List[tuple]) -> str:
+    ops = {text.split()[0].split(".")[0] for _, text in instructions}
     return "wgmma" if "HGMMA" in ops else "mma.sync" if "HMMA" in ops else "none"
+
+
+def text_section(cubin: bytes) -> bytes:
+    """A kernel's machine code: the one .text.<kernel> section of its cubin (an ELF64 file)."""
+    shoff = struct.unpack_from("<Q", cubin, 0x28)[0]
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQ", cubin, shoff + i * shentsize) for i in range(shnum)]
+    names = headers[shstrndx][4]  # (name offset, type, flags, address, file offset, size)
+
+    def name(header):
+        start = names + header[0]
+        return cubin[start:cubin.index(b"\0", start)].decode()
+
+    texts = [cubin[h[4]:h[4] + h[5]] for h in headers if name(h).startswith(".text.")]
+    if len(texts) != 1:
+        raise ValueError(f"expected one .text section in the cubin, found {len(texts)}")
+    return texts[0]
+
+
+def split_listing(instructions: List[tuple], sizes: List[int]) -> List[List[tuple]]:
+    """The listing of kernels laid end to end (sizes in bytes, in order) as one listing per kernel, each from
+    address 0: addresses and code targets (branches, calls, BSSY) less the kernel's start."""
+    kernels, base = [], 0
+    for size in sizes:
+        own = []
+        for addr, text in instructions:
+            if base <= addr < base + size:
+                m = _CODE_TARGET.match(text)
+                if m:
+                    text = text[:m.start(1)] + hex(int(m.group(1), 16) - base) + text[m.end(1):]
+                own.append((addr - base, text))
+        kernels.append(own)
+        base += size
+    return kernels
+
+
+def disassemble(codes: List[bytes], arch: str) -> List[List[tuple]]:
+    """Each kernel's [(address, instruction)], from one nvdisasm call on their machine code laid end to end.
+
+    nvdisasm spends about 0.4 s of CPU per call whatever it reads (a kernel's code alone as raw bytes, or its
+    cubin), and about 0.04 s per kernel more: one call per batch of kernels, not one per kernel, takes a sixth of
+    a full report's CPU time off. Raw code (-b) prints branch targets as addresses; the listing is that of the
+    cubin (tests/test_kernel_report.py compares them).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "code.bin"
+        path.write_bytes(b"".join(codes))
+        sass = subprocess.run([_tool("nvdisasm"), "-b", NVDISASM_ARCHS[arch], "-ndf", str(path)],
+                              capture_output=True, text=True, check=True).stdout
+    return split_listing(parse_sass(sass), [len(code) for code in codes])
 
 
 def parse_ptxas_log(log: str) -> Dict[str, int]:
@@ -371,35 +433,50 @@ def compile_key(job: dict) -> str:
     return repr((job["module"], job["attr"], target.arch, source_args, sorted(options.__dict__.items())))
 
 
-def compile_job(job: dict) -> dict:
-    """Compiles one recorded launch for job["arch"]; returns the compiled kernel's figures."""
+def _describe(job: dict) -> str:
+    return (f"{job['kernel']} for {job['arch']} ({job['dtype']}, d={job['head_dim']}, D={job['hidden_size']}, "
+            f"{job['kwargs']})")
+
+
+def compile_batch(jobs: List[dict]) -> List[dict]:
+    """Compiles recorded launches for one arch, then disassembles them in one nvdisasm call; returns each
+    compiled kernel's figures (the disassembly's time shared out equally)."""
     import triton
     from triton import knobs
     from triton.compiler import ASTSource
 
-    start, cpu_start = time.time(), _cpu_seconds()
-    fn, target, source_args, options = _specialize(job)
     knobs.compilation.always_compile = True  # never a cache hit: a hit would skip ptxas and its log
     knobs.nvidia.dump_ptxas_log = True  # triton prints its own ptxas -v log: the registers it really got
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):
-        compiled = triton.compile(ASTSource(fn, *source_args), target=target, options=options.__dict__)
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "kernel.cubin"
-        cubin.write_bytes(compiled.asm["cubin"])
-        # nvdisasm without its dataflow pass: the same instructions as cuobjdump -sass (which runs nvdisasm), in a
-        # quarter less CPU time; a disassembler's start is about a fifth of a compile's.
-        sass = subprocess.run([_tool("nvdisasm"), "-c", "-ndf", str(cubin)], capture_output=True, text=True,
-                              check=True).stdout
-    resources = parse_ptxas_log(log.getvalue())
-    loop = main_loop(sass)
-    return dict(
-        num_warps=options.num_warps, num_stages=options.num_stages, **resources,
-        smem_bytes=int(compiled.metadata.shared), tensor_core_op=tensor_core_op(sass),
-        loop_instructions=loop["instructions"], loop=loop["loop"], inner_loops=loop["inner"],
-        triton=triton.__version__,
-        compile_s=round(time.time() - start, 2), compile_cpu_s=round(_cpu_seconds() - cpu_start, 2),
-    )
+    figures, codes = [], []
+    for job in jobs:
+        start, cpu_start = time.time(), _cpu_seconds()
+        try:
+            fn, target, source_args, options = _specialize(job)
+            log = io.StringIO()
+            with contextlib.redirect_stdout(log):
+                compiled = triton.compile(ASTSource(fn, *source_args), target=target, options=options.__dict__)
+            resources = parse_ptxas_log(log.getvalue())
+            codes.append(text_section(compiled.asm["cubin"]))
+        except Exception as error:
+            raise RuntimeError(f"kernel_report: compiling {_describe(job)} failed: {error}") from error
+        figures.append(dict(num_warps=options.num_warps, num_stages=options.num_stages, **resources,
+                            smem_bytes=int(compiled.metadata.shared), triton=triton.__version__,
+                            compile_s=time.time() - start, compile_cpu_s=_cpu_seconds() - cpu_start))
+    start, cpu_start = time.time(), _cpu_seconds()
+    listings = disassemble(codes, jobs[0]["arch"])
+    share, cpu_share = (time.time() - start) / len(jobs), (_cpu_seconds() - cpu_start) / len(jobs)
+    for figure, listing in zip(figures, listings):
+        loop = _main_loop(listing)
+        figure.update(tensor_core_op=_tensor_core_op(listing), loop_instructions=loop["instructions"],
+                      loop=loop["loop"], inner_loops=loop["inner"],
+                      compile_s=round(figure["compile_s"] + share, 2),
+                      compile_cpu_s=round(figure["compile_cpu_s"] + cpu_share, 2))
+    return figures
+
+
+def compile_job(job: dict) -> dict:
+    """Compiles one recorded launch for job["arch"]; returns the compiled kernel's figures."""
+    return compile_batch([job])[0]
 
 
 def report_row(job: dict, compiled: dict) -> dict:
@@ -439,6 +516,7 @@ def format_table(rows: List[dict]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in table)
 
 
+DISASSEMBLY_BATCH = 8  # kernels per nvdisasm call: 0.4 s of CPU per call, not per kernel; small enough to share out
 # Queue order: the longest compiles first, so that no long one starts last while the other process idles.
 _COMPILE_WEIGHT = {"attention_fwd": 4, "attention_bwd_dkdv": 4, "attention_fwd_varlen": 4,
                    "attention_bwd_dkdv_varlen": 4, "attention_bwd_dq": 3, "attention_bwd_dq_varlen": 3}
@@ -514,25 +592,36 @@ def run(jobs: List[dict], workers: int, progress: bool = True, cache: Optional[P
     hits = len(compiled)
     todo = sorted((key for key in unique if key not in compiled),
                   key=lambda key: -_COMPILE_WEIGHT.get(unique[key]["kernel"], 1))
+    # Batches of one arch (one disassembler call each), the longest compiles first.
+    batches = []
+    for arch in ARCHS:
+        keys_of_arch = [key for key in todo if unique[key]["arch"] == arch]
+        batches += [keys_of_arch[i:i + DISASSEMBLY_BATCH] for i in range(0, len(keys_of_arch), DISASSEMBLY_BATCH)]
+    batches.sort(key=lambda batch: -sum(_COMPILE_WEIGHT.get(unique[key]["kernel"], 1) for key in batch))
     # A private, empty triton cache: the user's is left alone.
     with tempfile.TemporaryDirectory(prefix="kernel-report-cache-") as triton_cache:
         with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(triton_cache,)) as pool:
-            futures = {pool.submit(compile_job, unique[key]): key for key in todo}
-            bar = tqdm(as_completed(futures), total=len(futures), desc="compiling kernels", unit="kernel",
-                       disable=not progress, file=sys.stderr)
-            for future in bar:
-                key = futures[future]
-                job = unique[key]
+            futures = {pool.submit(compile_batch, [unique[key] for key in batch]): batch for batch in batches}
+            bar = tqdm(total=len(todo), desc="compiling kernels", unit="kernel", disable=not progress,
+                       file=sys.stderr)
+            for future in as_completed(futures):
+                batch = futures[future]
                 try:
-                    compiled[key] = future.result()
-                except Exception as error:  # name the configuration that failed, and stop
+                    results = future.result()
+                except Exception as error:  # the configuration that failed is named in the error; stop
                     pool.shutdown(wait=False, cancel_futures=True)
-                    raise RuntimeError(f"kernel_report: compiling {job['kernel']} for {job['arch']} "
-                                       f"({job['dtype']}, d={job['head_dim']}, D={job['hidden_size']}, "
-                                       f"{job['kwargs']}) failed: {error}") from error
-                if key in files:
-                    _write_cached(files[key], compiled[key])
+                    if isinstance(error, RuntimeError) and str(error).startswith("kernel_report:"):
+                        raise
+                    raise RuntimeError(f"kernel_report: a batch with {_describe(unique[batch[0]])} failed: "
+                                       f"{error}") from error
+                for key, figures in zip(batch, results):
+                    compiled[key] = figures
+                    if key in files:
+                        _write_cached(files[key], figures)
+                bar.update(len(batch))
+                job = unique[batch[-1]]
                 bar.set_postfix_str(f"{job['kernel']} {job['arch']} {job['dtype']}")
+            bar.close()
     return [report_row(job, compiled[key]) for key, job in zip(keys, jobs)], len(compiled) - hits, hits
 
 

@@ -167,6 +167,49 @@ def test_report_compiles_the_d64_fp16_attention_forwards_for_sm90a(tmp_path):
         {k: v for k, v in r.items() if k not in timing} for r in report["rows"]]
 
 
+_BATCHED_DISASSEMBLY_CHECK = """
+import importlib.util, subprocess, sys
+from pathlib import Path
+import triton
+from triton.compiler import ASTSource
+
+spec = importlib.util.spec_from_file_location("kernel_report", sys.argv[1])
+kr = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(kr)
+kr._init_worker(sys.argv[2])
+jobs = [job for job in kr.collect_configs(("sm_90a",), ("fp16",), (32,), (768,),
+                                          ["attention_fwd_varlen", "layer_norm_fwd"]) if not job["dropout"]][:2]
+assert sorted(job["kernel"] for job in jobs) == ["attention_fwd_varlen", "layer_norm_fwd"], jobs
+cubins, expected = [], []
+for i, job in enumerate(jobs):
+    fn, target, source_args, options = kr._specialize(job)
+    cubins.append(triton.compile(ASTSource(fn, *source_args), target=target, options=options.__dict__).asm["cubin"])
+    path = Path(sys.argv[2]) / f"{i}.cubin"
+    path.write_bytes(cubins[-1])
+    sass = subprocess.run([kr._tool("nvdisasm"), "-c", "-ndf", str(path)], capture_output=True, text=True,
+                          check=True).stdout
+    expected.append(kr.parse_sass(sass))
+codes = [kr.text_section(cubin) for cubin in cubins]
+listings = kr.disassemble(codes + codes[:1], "sm_90a")  # the first kernel again, at a third start
+assert listings == expected + expected[:1], "a kernel's listing differs from its cubin's"
+attention = listings[jobs.index(next(j for j in jobs if j["kernel"] == "attention_fwd_varlen"))]
+assert kr.find_loops(attention), "the attention kernel has loops"
+assert any(kr._CODE_TARGET.match(text) for _, text in listings[2]), "the third start's targets were rebased"
+print("batched disassembly ok", [len(listing) for listing in listings])
+"""
+
+
+def test_batched_raw_disassembly_lists_each_kernel_as_its_own_cubin_does(tmp_path):
+    """disassemble() reads several kernels' code laid end to end in one nvdisasm call: each kernel's listing,
+    addresses and code targets (branches, BSSY) taken back to its own start, equals nvdisasm's of its cubin. (In a
+    subprocess: the kernels must be imported without TRITON_INTERPRET.)"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _BATCHED_DISASSEMBLY_CHECK, str(SCRIPT), str(tmp_path)], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "batched disassembly ok" in result.stdout
+
+
 def _load_kernel(tmp_path, name: str, body: str):
     """`kernel`, a triton.jit function with this body, from its own file (so only the body differs)."""
     path = tmp_path / f"{name}.py"
