@@ -194,7 +194,8 @@ def _key_bias_operand_kernel(KEY_MASK, OUT, KB32, skb, skl, L, inv_scale, IS_BOO
                              BLOCK: tl.constexpr):
     """OUT[b, j, :] = (hi, lo, 0, ..., 0) [B, L, KB_K] in OUT's dtype, with hi + lo = x = kb[b, j] / (KB_ONE·scale)
     to 16 bits (bf16), 22 (fp16) or 21 (fp32 as TF32); kb = 0 / -inf for a bool mask (True: keep), else the value.
-    KB32 [B, L] = kb in fp32, for the backward kernels.
+    KB32 [B, L] = the bias the forward adds, in fp32, for the backward kernels: kb itself where hi + lo is exactly
+    x (masks: 0, -inf, -10000; any value in fp32), else KB_ONE·scale·(hi + lo), so that both passes add the same.
 
     The forward adds kb on the tensor cores: [BLOCK_M, KB_K] "ones" (KB_ONE in columns 0 and 1) times this
     operand's [KB_K, BLOCK_N] tile is KB_ONE·(hi + lo) = kb / scale in every row, which the scale multiply then
@@ -211,8 +212,8 @@ def _key_bias_operand_kernel(KEY_MASK, OUT, KB32, skb, skl, L, inv_scale, IS_BOO
         kb = tl.where(raw != 0, 0.0, float("-inf"))
     else:
         kb = raw.to(tl.float32)
-    tl.store(KB32 + b * L + offs, kb, mask=ok)
     x = kb * inv_scale
+    exact = x
     if TF32:  # round hi to TF32 (10 mantissa bits, nearest) so that the MMA takes it exactly; inf stays inf
         hi = ((x.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
     else:
@@ -221,6 +222,8 @@ def _key_bias_operand_kernel(KEY_MASK, OUT, KB32, skb, skl, L, inv_scale, IS_BOO
         hi = x.to(OUT.dtype.element_ty).to(tl.float32)
     finite = tl.abs(hi) < float("inf")
     lo = tl.where(finite, x - tl.where(finite, hi, 0.0), 0.0)  # -inf: hi carries it, lo = 0 (not inf - inf)
+    lo = lo.to(OUT.dtype.element_ty).to(tl.float32)  # as the MMA reads it
+    tl.store(KB32 + b * L + offs, tl.where(hi + lo == exact, kb, (hi + lo) / inv_scale), mask=ok)
     col = tl.arange(0, KB_K)
     tile = tl.where(col[None, :] == 0, hi[:, None], tl.where(col[None, :] == 1, lo[:, None], 0.0))
     tl.store(OUT + b * L * KB_K + offs[:, None] * KB_K + col[None, :], tile.to(OUT.dtype.element_ty),

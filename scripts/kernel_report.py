@@ -71,6 +71,9 @@ HEAD_DIMS = (32, 64, 128)
 HIDDEN_SIZES = (768, 1024)
 # A BERT-base-like batch: L = max_seq_length = 128, H = hidden / d heads, block width c = ceil(L / (hidden // L)).
 BATCH, SEQ_LEN = 8, 128
+# A padded batch whose length is no multiple of a tile or of 16: the partial last tiles and their masks, and the
+# bias rows' padded stride. Compiled for one (dtype, head dim) only, to keep the report within its 5 minutes.
+ODD_SEQ_LEN, ODD_SEQ_LEN_CONFIG = 100, ("bf16", 64)
 MIN_LOOP_INSTRUCTIONS = 24
 TENSOR_CORE_OPS = ("wgmma", "mma.sync", "none")
 FIELDS = ("kernel", "arch", "dtype", "head_dim", "block_m", "block_n", "num_warps", "num_stages", "dropout", "regs",
@@ -282,35 +285,47 @@ def collect_configs(archs=DEFAULT_ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, hid
                 jobs.append(dict(kernel=name, module=module.__name__, attr=attr, arch=arch,
                                  args=[_arg_spec(a) for a in args], kwargs=kwargs, **fields))
 
+    def padded(dtype, dt, d, L, variants, variant):
+        """The padded attention's launches for a batch of length L, each (dropout, key padding, yardstick)."""
+        H = max(1, 768 // d)
+        C = -(-L // max(1, (H * d) // L))
+        q, k, v = (torch.empty((BATCH, H, L, d), dtype=dt, device=meta) for _ in range(3))
+        table = torch.empty((3, L, C), dtype=dt, device=meta)
+        index = torch.empty((BATCH,), dtype=torch.int64, device=meta)
+        lse = torch.empty((BATCH, H, L), dtype=torch.float32, device=meta)
+        bias = torch.empty((3, L, attention_k.row_stride(L)), dtype=torch.float32, device=meta)
+        for dropout, key_padding, yardstick in variants:
+            keep = torch.empty((BATCH, L), dtype=torch.bool, device=meta) if key_padding else None
+            kb = torch.empty((BATCH, L), dtype=torch.float32, device=meta) if key_padding else None
+            p = 0.1 if dropout else 0.0
+            fields = dict(dtype=dtype, head_dim=d, hidden_size=None, dropout=dropout, key_padding=key_padding,
+                          variant=variant, yardstick=yardstick)
+            add(attention_k, {"_fwd_kernel": "attention_fwd", "_dense_bias_kernel": "attention_bias_expand",
+                              "_dropout_mask_kernel": "attention_dropout_mask",
+                              "_key_bias_operand_kernel": "attention_key_bias_operand"},
+                lambda: attention_k.attention_forward(q, k, v, table, index, keep, d ** -0.5, p, 1234), **fields)
+            mask = torch.empty(attention_k.dropout_mask_shape(BATCH * H, L, d, dt, p), dtype=torch.int32,
+                               device=meta)
+            add(attention_k, {"_bwd_dq_kernel": "attention_bwd_dq", "_bwd_dkdv_kernel": "attention_bwd_dkdv",
+                              "_bwd_dtable_kernel": "attention_bwd_dtable"},
+                lambda: attention_k.attention_backward(q, q, k, v, q, lse, bias, mask, table, index, kb, d ** -0.5,
+                                                       p),
+                **fields)
+
     torch_dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
+    shipped = [(drop, kpad, False) for drop in (False, True) for kpad in (False, True)]
     for dtype in dtypes:
         dt = torch_dtypes[dtype]
         for d in head_dims:
             H = max(1, 768 // d)
+            padded(dtype, dt, d, SEQ_LEN, shipped + [(False, False, True)], "")
+            if (dtype, d) == ODD_SEQ_LEN_CONFIG:  # the tail tiles and masks, with the padded layout
+                padded(dtype, dt, d, ODD_SEQ_LEN, shipped + [(False, False, True)], f"L={ODD_SEQ_LEN}")
             C = -(-SEQ_LEN // max(1, (H * d) // SEQ_LEN))
             q, k, v = (torch.empty((BATCH, H, SEQ_LEN, d), dtype=dt, device=meta) for _ in range(3))
             table = torch.empty((3, SEQ_LEN, C), dtype=dt, device=meta)
             index = torch.empty((BATCH,), dtype=torch.int64, device=meta)
-            lse = torch.empty((BATCH, H, SEQ_LEN), dtype=torch.float32, device=meta)
             bias = torch.empty((3, SEQ_LEN, attention_k.row_stride(SEQ_LEN)), dtype=torch.float32, device=meta)
-            variants = [(drop, kpad, False) for drop in (False, True) for kpad in (False, True)] + [(False, False, True)]
-            for dropout, key_padding, yardstick in variants:
-                keep = torch.empty((BATCH, SEQ_LEN), dtype=torch.bool, device=meta) if key_padding else None
-                kb = torch.empty((BATCH, SEQ_LEN), dtype=torch.float32, device=meta) if key_padding else None
-                p = 0.1 if dropout else 0.0
-                fields = dict(dtype=dtype, head_dim=d, hidden_size=None, dropout=dropout, key_padding=key_padding,
-                              variant="", yardstick=yardstick)
-                add(attention_k, {"_fwd_kernel": "attention_fwd", "_dense_bias_kernel": "attention_bias_expand",
-                                  "_dropout_mask_kernel": "attention_dropout_mask",
-                                  "_key_bias_operand_kernel": "attention_key_bias_operand"},
-                    lambda: attention_k.attention_forward(q, k, v, table, index, keep, d ** -0.5, p, 1234), **fields)
-                mask = torch.empty(attention_k.dropout_mask_shape(BATCH * H, SEQ_LEN, d, dt, p), dtype=torch.int32,
-                                   device=meta)
-                add(attention_k, {"_bwd_dq_kernel": "attention_bwd_dq", "_bwd_dkdv_kernel": "attention_bwd_dkdv",
-                                  "_bwd_dtable_kernel": "attention_bwd_dtable"},
-                    lambda: attention_k.attention_backward(q, q, k, v, q, lse, bias, mask, table, index, kb,
-                                                           d ** -0.5, p),
-                    **fields)
             # Packed: the batch's BATCH·SEQ_LEN tokens as BATCH sequences, the longest SEQ_LEN.
             packed = [t.transpose(1, 2).reshape(BATCH * SEQ_LEN, H, d) for t in (q, k, v)]
             cu_seqlens = torch.empty((BATCH + 1,), dtype=torch.int32, device=meta)
@@ -631,13 +646,14 @@ _KERNEL_ORDER = ("attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv", "att
 
 
 def _row_order(row: dict):
-    """Attention first, by arch, dtype and head dim, the passes side by side (padded, yardstick, then varlen);
+    """Attention first, by arch, dtype and head dim, the passes side by side (padded, the odd length, yardstick,
+    then varlen);
     then the norm/FiLM/adapter kernels."""
     family = 0 if row["kernel"].startswith("attention") else 1
     kernel = _KERNEL_ORDER.index(row["kernel"]) if row["kernel"] in _KERNEL_ORDER else len(_KERNEL_ORDER)
     size = row["head_dim"] if family == 0 else row["hidden_size"]
     return (family, list(ARCHS).index(row["arch"]), row["dtype"], size, row["kernel"].endswith("_varlen"),
-            row["yardstick"], row["dropout"],
+            row["variant"].startswith("L="), row["yardstick"], row["dropout"],
             bool(row["key_padding"]), kernel if family == 0 else 0, kernel, row["variant"])
 
 

@@ -170,6 +170,11 @@ MUTANTS = [
            "bias_tile = BIAS + tl.load(INDEX + b).to(tl.int64) * LB * LS + (rows[:, None] * L",
            "forward: the bias rows read at stride L, not the padded row stride",
            T_ATTN_KERNEL),
+    Mutant("A30", ATTN_KERNEL,
+           "tl.where(hi + lo == exact, kb, (hi + lo) / inv_scale)",
+           "kb",
+           "key bias operand: the backward's kb is the mask's, not the bias the forward adds (fp16 clamps, bf16 rounds)",
+           T_ATTN_KERNEL),
     # ---- conditional layer norm ----
     Mutant("L3", LN_KERNEL,
            "rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, 1) / D + eps)",

@@ -254,8 +254,15 @@ def test_configs_include_the_varlen_kernels_and_leave_the_padded_ones_padded(mon
         assert job["kwargs"]["VARLEN"] is True and job["kwargs"]["HAS_KEY_BIAS"] is False
         assert job["variant"] == "varlen" and job["key_padding"] is None
         assert job["kwargs"]["DROPOUT"] == job["dropout"]
-    padded = [job for job in jobs if job["kernel"] not in VARLEN_KERNELS]
+    padded = [job for job in jobs if job["kernel"] not in VARLEN_KERNELS and job["variant"] == ""]
     assert len(padded) == 15 and all(job["kwargs"].get("VARLEN", False) is False for job in padded)
+    assert all(job["kwargs"]["EVEN_M"] and job["kwargs"]["EVEN_N"] for job in padded)  # L = 128
+    odd = [job for job in jobs if job["variant"] == f"L={kr.ODD_SEQ_LEN}"]  # bf16 d64: the tails, padded layout
+    assert sorted((job["kernel"], job["dropout"], job["key_padding"], job["yardstick"]) for job in odd) == sorted(
+        [(name, dropout, kpad, False) for name in ("attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv")
+         for dropout in (False, True) for kpad in (False, True)]
+        + [(name, False, False, True) for name in ("attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv")])
+    assert not any(job["kwargs"]["EVEN_M"] or job["kwargs"]["EVEN_N"] or job["kwargs"]["VARLEN"] for job in odd)
 
 
 def test_each_arch_records_the_tiles_chosen_for_it(monkeypatch):

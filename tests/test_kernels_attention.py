@@ -116,7 +116,7 @@ def test_float_key_bias_of_any_value_dtype_and_stride(dtype, device):
 def test_key_bias_operands_split_the_bias_exactly(dtype, device, monkeypatch):
     """key_bias_operands against the rule written out here: x = kb / (16·scale) = hi + lo, hi in dtype (TF32,
     rounded to nearest, for fp32), lo the rest in dtype; zeros in the other columns; -inf as (-inf, 0); fp16
-    clamps to its finite range; kb32 is kb."""
+    clamps to its finite range; kb32 is what the forward adds: kb where hi + lo is x, else 16·scale·(hi + lo)."""
     scale = 0.125
     kb = torch.randn(2, 37, device=device, dtype=torch.float64) * 50.0
     kb[0, 3], kb[1, 5], kb[1, 6] = float("-inf"), -1e9, 0.0
@@ -125,12 +125,20 @@ def test_key_bias_operands_split_the_bias_exactly(dtype, device, monkeypatch):
     operand, kb32 = attention_kernels.key_bias_operands(kb, scale, dtype)
     monkeypatch.undo()
     assert operand.shape == (2, 37, 16) and operand.dtype == dtype and kb32.dtype == torch.float32
-    assert torch.equal(kb32, kb.float())
     assert (operand[..., 2:] == 0).all()
     x = kb.float() / (16 * scale)
+    exact = x.clone()
     if dtype == torch.float16:
         x = torch.where(x.isinf(), x, x.clamp(-65504.0, 65504.0))
     hi, lo = operand[..., 0].float(), operand[..., 1].float()
+    same = hi + lo == exact
+    assert torch.equal(kb32[same], kb.float()[same])
+    assert torch.allclose(kb32[~same], ((hi + lo) * (16 * scale))[~same], rtol=1e-6, atol=0)
+    assert same[0, 3] and same[1, 6]  # -inf and 0
+    if dtype == torch.float32:
+        assert same.all()  # TF32 hi + fp32 lo: x exactly
+    if dtype == torch.float16:
+        assert kb32[1, 5] == -65504.0 * 16 * scale  # -1e9 clamped: both passes add the same finite bias
     if dtype == torch.float32:  # TF32: 10 mantissa bits, round to nearest, so the MMA takes hi exactly
         assert torch.equal(hi, ((x.view(torch.int32) + 0x1000) & -8192).view(torch.float32))
     finite = x.isfinite()
