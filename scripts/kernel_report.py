@@ -6,7 +6,9 @@ can choose (fp16/bf16; attention at head dims 32/64/128, dropout on/off,
 with/without key padding, and packed: the varlen kernels attention_*_varlen,
 dropout on/off; the norm, FiLM and adapter kernels at D 768/1024),
 plus a yardstick: the attention kernels with the conditional bias, the key
-padding and dropout compiled out (plain flash attention). Each row gives
+padding and dropout compiled out (plain flash attention), in bf16 only (fp16's
+were the same in every row, to the instruction); and a padded batch of odd
+length (ODD_SEQ_LEN, bf16, d 64, sm_90a: variant "L=100"). Each row gives
 registers and spills (triton's own ptxas -v log), shared memory, the tensor
 core instruction (HGMMA = wgmma, HMMA = mma.sync) and the size of the main
 loop in SASS. Output: kernel-report.json in --out (default
@@ -72,8 +74,10 @@ HIDDEN_SIZES = (768, 1024)
 # A BERT-base-like batch: L = max_seq_length = 128, H = hidden / d heads, block width c = ceil(L / (hidden // L)).
 BATCH, SEQ_LEN = 8, 128
 # A padded batch whose length is no multiple of a tile or of 16: the partial last tiles and their masks, and the
-# bias rows' padded stride. Compiled for one (dtype, head dim) only, to keep the report within its 5 minutes.
-ODD_SEQ_LEN, ODD_SEQ_LEN_CONFIG = 100, ("bf16", 64)
+# bias rows' padded stride. Compiled for one (arch, dtype, head dim) only, as the yardstick for one dtype (fp16's
+# figures were bf16's in every row), to keep the report within its 5 minutes on a busy machine.
+ODD_SEQ_LEN, ODD_SEQ_LEN_CONFIG = 100, ("sm_90a", "bf16", 64)
+YARDSTICK_DTYPE = "bf16"
 MIN_LOOP_INSTRUCTIONS = 24
 TENSOR_CORE_OPS = ("wgmma", "mma.sync", "none")
 FIELDS = ("kernel", "arch", "dtype", "head_dim", "block_m", "block_n", "num_warps", "num_stages", "dropout", "regs",
@@ -271,8 +275,10 @@ def collect_configs(archs=DEFAULT_ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, hid
     meta = torch.device("meta")
     jobs: List[dict] = []
 
-    def add(module, attr_names, call, **fields):
+    def add(module, attr_names, call, only_arch=None, **fields):
         for arch in archs:  # each arch's own launches: tiles, warps and grids are chosen per GPU
+            if only_arch not in (None, arch):
+                continue
             launches: list = []
             with _recording(module, attr_names, launches), simulated_gpu(*SIMULATED_GPUS[arch]):
                 call()
@@ -285,7 +291,7 @@ def collect_configs(archs=DEFAULT_ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, hid
                 jobs.append(dict(kernel=name, module=module.__name__, attr=attr, arch=arch,
                                  args=[_arg_spec(a) for a in args], kwargs=kwargs, **fields))
 
-    def padded(dtype, dt, d, L, variants, variant):
+    def padded(dtype, dt, d, L, variants, variant, only_arch=None):
         """The padded attention's launches for a batch of length L, each (dropout, key padding, yardstick)."""
         H = max(1, 768 // d)
         C = -(-L // max(1, (H * d) // L))
@@ -299,7 +305,7 @@ def collect_configs(archs=DEFAULT_ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, hid
             kb = torch.empty((BATCH, L), dtype=torch.float32, device=meta) if key_padding else None
             p = 0.1 if dropout else 0.0
             fields = dict(dtype=dtype, head_dim=d, hidden_size=None, dropout=dropout, key_padding=key_padding,
-                          variant=variant, yardstick=yardstick)
+                          variant=variant, yardstick=yardstick, only_arch=only_arch)
             add(attention_k, {"_fwd_kernel": "attention_fwd", "_dense_bias_kernel": "attention_bias_expand",
                               "_dropout_mask_kernel": "attention_dropout_mask",
                               "_key_bias_operand_kernel": "attention_key_bias_operand"},
@@ -318,9 +324,11 @@ def collect_configs(archs=DEFAULT_ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, hid
         dt = torch_dtypes[dtype]
         for d in head_dims:
             H = max(1, 768 // d)
-            padded(dtype, dt, d, SEQ_LEN, shipped + [(False, False, True)], "")
-            if (dtype, d) == ODD_SEQ_LEN_CONFIG:  # the tail tiles and masks, with the padded layout
-                padded(dtype, dt, d, ODD_SEQ_LEN, shipped + [(False, False, True)], f"L={ODD_SEQ_LEN}")
+            yardstick = [(False, False, True)] if dtype == YARDSTICK_DTYPE or YARDSTICK_DTYPE not in dtypes else []
+            padded(dtype, dt, d, SEQ_LEN, shipped + yardstick, "")
+            odd_arch, odd_dtype, odd_d = ODD_SEQ_LEN_CONFIG
+            if (dtype, d) == (odd_dtype, odd_d):  # the tail tiles and masks, with the padded layout
+                padded(dtype, dt, d, ODD_SEQ_LEN, shipped + [(False, False, True)], f"L={ODD_SEQ_LEN}", odd_arch)
             C = -(-SEQ_LEN // max(1, (H * d) // SEQ_LEN))
             q, k, v = (torch.empty((BATCH, H, SEQ_LEN, d), dtype=dt, device=meta) for _ in range(3))
             table = torch.empty((3, SEQ_LEN, C), dtype=dt, device=meta)

@@ -173,7 +173,7 @@ MUTANTS = [
     Mutant("A30", ATTN_KERNEL,
            "tl.where(hi + lo == exact, kb, (hi + lo) / inv_scale)",
            "kb",
-           "key bias operand: the backward's kb is the mask's, not the bias the forward adds (fp16 clamps, bf16 rounds)",
+           "key bias operand: the backward's kb is the mask's, not what the forward adds (fp16 clamps, bf16 rounds)",
            T_ATTN_KERNEL),
     # ---- conditional layer norm ----
     Mutant("L3", LN_KERNEL,
