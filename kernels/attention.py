@@ -390,8 +390,8 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, n0, offs_n_base, offs_d, row_ok, d_ok, L, qk_scale, bias_rows,
-             key_bias_row, mask_rows, ds_rows, skl, skd, svl, svd, first_head, on_band,
+def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, n0, offs_n_base, offs_d, row_ok, d_ok, L, qk_scale, bias_tile,
+             key_bias_row, mask_rows, ds_tile, skl, skd, svl, svd, first_head, on_band,
              WITH_BIAS: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, TAIL: tl.constexpr,
              EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WORD: tl.constexpr):
@@ -406,9 +406,9 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, n0, offs_n_base, offs_d, ro
     if WITH_BIAS:
         if on_band:
             if TAIL:
-                s += tl.load(bias_rows + n0, mask=n_ok[None, :], other=0.0)
+                s += tl.load(bias_tile + n0, mask=n_ok[None, :], other=0.0)
             else:
-                s += tl.load(bias_rows + n0)
+                s += tl.load(bias_tile + n0)
     if HAS_KEY_BIAS:
         if TAIL:
             s += tl.load(key_bias_row + offs_n, mask=n_ok, other=0.0)[None, :] * LOG2E
@@ -424,7 +424,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, n0, offs_n_base, offs_d, ro
     dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     if WITH_BIAS:
         if on_band:
-            ptrs = ds_rows + n0
+            ptrs = ds_tile + n0
             if EVEN_M and not TAIL:
                 if first_head:
                     tl.store(ptrs, ds)
@@ -472,9 +472,9 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, DS_SUM, BIAS, INDEX, KEY_BIAS
     d_ok = offs_d < D
     rows = _rows_in(offs_m, L, EVEN_M)
     # Tiles at key 0 as loop-invariant pointers, advanced by n0 (see _fwd_kernel).
-    bias_rows = BIAS + tl.load(INDEX + b).to(tl.int64) * LB * LS + (rows[:, None] * LS + offs_n_base[None, :])
+    bias_tile = BIAS + tl.load(INDEX + b).to(tl.int64) * LB * LS + (rows[:, None] * LS + offs_n_base[None, :])
     key_bias_row = KEY_BIAS + b.to(tl.int64) * skbb
-    ds_rows = (DS_SUM + (b.to(tl.int64) * tl.num_programs(2) + group) * LB * LS
+    ds_tile = (DS_SUM + (b.to(tl.int64) * tl.num_programs(2) + group) * LB * LS
                + (offs_m[:, None] * LS + offs_n_base[None, :]))
     dropout_scale = 1.0 / (1.0 - dropout_p)
     band_lo, band_hi = _band(m0, L, C, BLOCK_M)
@@ -502,12 +502,12 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, DS_SUM, BIAS, INDEX, KEY_BIAS
         if not EVEN_N:
             if L_full < L:
                 dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, L_full, offs_n_base, offs_d, row_ok, d_ok, L,
-                              qk_scale, bias_rows, key_bias_row, mask_rows, ds_rows, skl, skd, svl, svd, hh == 0,
+                              qk_scale, bias_tile, key_bias_row, mask_rows, ds_tile, skl, skd, svl, svd, hh == 0,
                               (L_full >= band_first) & (L_full < band_hi), HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT,
                               True, EVEN_M, EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
         for n0 in range(0, L_full, BLOCK_N):  # one loop, the band decided per tile: three loops spill here
             dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, n0, offs_n_base, offs_d, row_ok, d_ok, L,
-                          qk_scale, bias_rows, key_bias_row, mask_rows, ds_rows, skl, skd, svl, svd, hh == 0,
+                          qk_scale, bias_tile, key_bias_row, mask_rows, ds_tile, skl, skd, svl, svd, hh == 0,
                           (n0 >= band_first) & (n0 < band_hi), HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT, False, EVEN_M,
                           EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
         dq_ptrs = _slab(DQ, b, h, first, sgb, sgh, sgl, VARLEN) + offs_m[:, None] * sgl + offs_d[None, :] * sgd
@@ -821,7 +821,7 @@ def heads_per_program(B: int, H: int, L: int, block_m: int, device: torch.device
 
 def _forward(q, k, v, table, index, key_mask, scale, dropout_p, seed, cu_seqlens=None, max_seqlen=None):
     """Padded (q [B, H, L, d]) or packed (q [N, H, d], cu_seqlens [S+1], max_seqlen): the forward's launches.
-    Returns (out, lse, bias, mask, key_bias): the last three are what the backward reads again."""
+    Returns (out, lse, bias, mask, key_bias): the last four are what the backward reads again."""
     require_tf32(q.dtype, q.device, "conditional_attention")
     varlen = cu_seqlens is not None
     if varlen:

@@ -166,8 +166,10 @@ MUTANTS = [
            "forward: the key bias added in the partial last key tile only",
            T_ATTN_KERNEL),
     Mutant("A29", ATTN_KERNEL,
-           "bias_tile = BIAS + tl.load(INDEX + b).to(tl.int64) * LB * LS + (rows[:, None] * LS",
-           "bias_tile = BIAS + tl.load(INDEX + b).to(tl.int64) * LB * LS + (rows[:, None] * L",
+           "(rows[:, None] * LS + offs_n_base[None, :])\n    key_bias_row = KEY_BIAS + b.to(tl.int64) * skbb\n"
+           "    mask_rows",
+           "(rows[:, None] * L + offs_n_base[None, :])\n    key_bias_row = KEY_BIAS + b.to(tl.int64) * skbb\n"
+           "    mask_rows",
            "forward: the bias rows read at stride L, not the padded row stride",
            T_ATTN_KERNEL),
     Mutant("A30", ATTN_KERNEL,
