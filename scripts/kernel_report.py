@@ -291,15 +291,21 @@ def collect_configs(archs=DEFAULT_ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, hid
                 jobs.append(dict(kernel=name, module=module.__name__, attr=attr, arch=arch,
                                  args=[_arg_spec(a) for a in args], kwargs=kwargs, **fields))
 
-    def padded(dtype, dt, d, L, variants, variant, only_arch=None):
-        """The padded attention's launches for a batch of length L, each (dropout, key padding, yardstick)."""
+    def attention_inputs(dt, d, L):
+        """(q, k, v, table, index, dense bias) of a BERT-base-like batch of length L, on the meta device."""
         H = max(1, 768 // d)
         C = -(-L // max(1, (H * d) // L))
         q, k, v = (torch.empty((BATCH, H, L, d), dtype=dt, device=meta) for _ in range(3))
         table = torch.empty((3, L, C), dtype=dt, device=meta)
         index = torch.empty((BATCH,), dtype=torch.int64, device=meta)
-        lse = torch.empty((BATCH, H, L), dtype=torch.float32, device=meta)
         bias = torch.empty((3, L, attention_k.row_stride(L)), dtype=torch.float32, device=meta)
+        return q, k, v, table, index, bias
+
+    def padded(dtype, dt, d, L, variants, variant, only_arch=None):
+        """The padded attention's launches for a batch of length L, each (dropout, key padding, yardstick)."""
+        H = max(1, 768 // d)
+        q, k, v, table, index, bias = attention_inputs(dt, d, L)
+        lse = torch.empty((BATCH, H, L), dtype=torch.float32, device=meta)
         for dropout, key_padding, yardstick in variants:
             keep = torch.empty((BATCH, L), dtype=torch.bool, device=meta) if key_padding else None
             kb = torch.empty((BATCH, L), dtype=torch.float32, device=meta) if key_padding else None
@@ -329,11 +335,7 @@ def collect_configs(archs=DEFAULT_ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, hid
             odd_arch, odd_dtype, odd_d = ODD_SEQ_LEN_CONFIG
             if (dtype, d) == (odd_dtype, odd_d):  # the tail tiles and masks, with the padded layout
                 padded(dtype, dt, d, ODD_SEQ_LEN, shipped + [(False, False, True)], f"L={ODD_SEQ_LEN}", odd_arch)
-            C = -(-SEQ_LEN // max(1, (H * d) // SEQ_LEN))
-            q, k, v = (torch.empty((BATCH, H, SEQ_LEN, d), dtype=dt, device=meta) for _ in range(3))
-            table = torch.empty((3, SEQ_LEN, C), dtype=dt, device=meta)
-            index = torch.empty((BATCH,), dtype=torch.int64, device=meta)
-            bias = torch.empty((3, SEQ_LEN, attention_k.row_stride(SEQ_LEN)), dtype=torch.float32, device=meta)
+            q, k, v, table, index, bias = attention_inputs(dt, d, SEQ_LEN)
             # Packed: the batch's BATCH·SEQ_LEN tokens as BATCH sequences, the longest SEQ_LEN.
             packed = [t.transpose(1, 2).reshape(BATCH * SEQ_LEN, H, d) for t in (q, k, v)]
             cu_seqlens = torch.empty((BATCH + 1,), dtype=torch.int32, device=meta)
