@@ -180,6 +180,20 @@ def _keep_bits(MASK_ROWS, n0, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, WORD
 
 
 @triton.jit
+def _accumulator_zeros(FIRST: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, opaque_zero):
+    """A [ROWS, COLS] fp32 tile of zeros for a wgmma accumulator, each element its own computed value,
+    (FIRST + r·COLS + c)·opaque_zero, so that they need no register copies.
+
+    From tl.zeros (one constant splat), LLVM copies the zero into every accumulator register on the path that skips
+    a key loop, and may place that block after the loop, before the loop's final wgmma wait. ptxas then serializes
+    every wgmma of the kernel (C7515, "non wgmma instructions defining accumulator registers ... between start and
+    end of the pipeline stage"): no MMA overlaps another or the softmax. make kernel-report shows it.
+    """
+    index = FIRST + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+    return index.to(tl.float32) * opaque_zero
+
+
+@triton.jit
 def _rows_in(offs, L, EVEN: tl.constexpr):
     """Row indices for the loop's pointers (bias and dropout rows): a row past L reads row L - 1 (computed, never
     stored), so those loads need no mask."""
@@ -347,9 +361,9 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
     # masked (-inf) so far; alpha = exp2(-FLT_MAX - m) = 0 on the first key, as exp2(-inf) would be.
     m_i = tl.full([BLOCK_M], -3.4028234663852886e38, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    L_full = _full(L, BLOCK_N, EVEN_N)
     opaque_zero = dropout_p * 0.0  # 0.0 that LLVM cannot fold (x·0 is NaN for x = inf): see _fwd_tile
+    acc = _accumulator_zeros(0, BLOCK_M, BLOCK_D, opaque_zero)
+    L_full = _full(L, BLOCK_N, EVEN_N)
     band_first, band_hi, after = _loops(m0, L, C, BLOCK_M, BLOCK_N, HAS_BLOCK_BIAS)
     if not EVEN_N:
         if L_full < L:  # the tail meets the band iff it starts before band_hi
@@ -477,6 +491,7 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, DS_SUM, BIAS, INDEX, KEY_BIAS
     ds_tile = (DS_SUM + (b.to(tl.int64) * tl.num_programs(2) + group) * LB * LS
                + (offs_m[:, None] * LS + offs_n_base[None, :]))
     dropout_scale = 1.0 / (1.0 - dropout_p)
+    opaque_zero = dropout_p * 0.0  # see _accumulator_zeros
     band_lo, band_hi = _band(m0, L, C, BLOCK_M)
     band_first = band_lo // BLOCK_N * BLOCK_N
     L_full = _full(L, BLOCK_N, EVEN_N)
@@ -498,7 +513,7 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, DS_SUM, BIAS, INDEX, KEY_BIAS
         k_base = _slab(K, b, h, first, skb, skh, skl, VARLEN)
         v_base = _slab(V, b, h, first, svb, svh, svl, VARLEN)
         mask_rows = MASK + pid_bh.to(tl.int64) * LB * W + rows[:, None] * W
-        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        dq = _accumulator_zeros(0, BLOCK_M, BLOCK_D, opaque_zero)
         if not EVEN_N:
             if L_full < L:
                 dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, L_full, offs_n_base, offs_d, row_ok, d_ok, L,
@@ -600,8 +615,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, INDEX, KEY_BIAS, MAS
     DELTA_ROW = _row_stats(DELTA, pid_bh, h, first, L, N_TOKENS, VARLEN)
     mask_base = MASK + pid_bh.to(tl.int64) * LB * W
     dropout_scale = 1.0 / (1.0 - dropout_p)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    opaque_zero = dropout_p * 0.0  # see _accumulator_zeros
+    dk = _accumulator_zeros(0, BLOCK_N, BLOCK_D, opaque_zero)
+    dv = _accumulator_zeros(BLOCK_N * BLOCK_D, BLOCK_N, BLOCK_D, opaque_zero)  # not dk's values: no copies
     L_full = _full(L, BLOCK_M, EVEN_M)
     band_first, band_hi, after = _loops(n0, L, C, BLOCK_N, BLOCK_M, HAS_BLOCK_BIAS)  # queries meeting these keys
     if not EVEN_M:

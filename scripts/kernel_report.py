@@ -10,7 +10,10 @@ padding and dropout compiled out (plain flash attention), in bf16 only (fp16's
 were the same in every row, to the instruction); and a padded batch of odd
 length (ODD_SEQ_LEN, bf16, d 64, sm_90a: variant "L=100"). Each row gives
 registers and spills (triton's own ptxas -v log), shared memory, the tensor
-core instruction (HGMMA = wgmma, HMMA = mma.sync) and the size of the main
+core instruction (HGMMA = wgmma, HMMA = mma.sync), whether ptxas serialized
+the kernel's wgmma (wgmma_serialized: its reason from the log's C7515
+"Potential Performance Loss" line, or null; each wgmma then waits for the one
+before, so no MMA overlaps another or the softmax) and the size of the main
 loop in SASS. Output: kernel-report.json in --out (default
 $KERNEL_REPORT_OUT or .benchmarks/kernel-report/) and a table on stdout.
 
@@ -81,7 +84,7 @@ YARDSTICK_DTYPE = "bf16"
 MIN_LOOP_INSTRUCTIONS = 24
 TENSOR_CORE_OPS = ("wgmma", "mma.sync", "none")
 FIELDS = ("kernel", "arch", "dtype", "head_dim", "block_m", "block_n", "num_warps", "num_stages", "dropout", "regs",
-          "spill_bytes", "smem_bytes", "tensor_core_op", "loop_instructions", "yardstick")
+          "spill_bytes", "smem_bytes", "tensor_core_op", "wgmma_serialized", "loop_instructions", "yardstick")
 
 _SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", re.IGNORECASE)
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")  # nvdisasm: a branch target's label, on the line before it
@@ -214,13 +217,22 @@ def disassemble(codes: List[bytes], arch: str) -> List[List[tuple]]:
     return split_listing(parse_sass(sass), [len(code) for code in codes])
 
 
-def parse_ptxas_log(log: str) -> Dict[str, int]:
-    """regs, spill_bytes (spill stores), spill_load_bytes from a ptxas -v log."""
+# ptxas's C7515 ("Potential Performance Loss: wgmma.mma_async instructions are serialized due to ..."): it then waits
+# for every wgmma of the kernel before issuing the next, so no MMA overlaps another or the softmax.
+_WGMMA_SERIALIZED = re.compile(r"wgmma\.mma_async instructions are serialized (due to [^']*?)(?: in the function|$)",
+                               re.MULTILINE)
+
+
+def parse_ptxas_log(log: str) -> Dict[str, object]:
+    """regs, spill_bytes (spill stores), spill_load_bytes and wgmma_serialized (ptxas's reason, or None) from a
+    ptxas -v log."""
     regs = re.search(r"Used (\d+) registers", log)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     if not regs or not spill:
         raise ValueError(f"could not read registers and spills from the ptxas log:\n{log}")
-    return {"regs": int(regs.group(1)), "spill_bytes": int(spill.group(1)), "spill_load_bytes": int(spill.group(2))}
+    serialized = _WGMMA_SERIALIZED.search(log)
+    return {"regs": int(regs.group(1)), "spill_bytes": int(spill.group(1)), "spill_load_bytes": int(spill.group(2)),
+            "wgmma_serialized": serialized.group(1).strip() if serialized else None}
 
 
 # ---- configurations: the kernel files' launches, recorded on meta tensors ------------------------------------
@@ -521,7 +533,7 @@ def format_table(rows: List[dict]) -> str:
     columns = [("kernel", "kernel"), ("arch", "arch"), ("dtype", "dtype"), ("d/D", None), ("tile", None),
                ("w/s", None), ("drop", "dropout"), ("kpad", "key_padding"), ("yard", "yardstick"), ("regs", "regs"),
                ("spill", "spill_bytes"), ("smem", "smem_bytes"), ("tc", "tensor_core_op"),
-               ("loop", "loop_instructions"), ("inner loops", None), ("variant", "variant")]
+               ("serial", None), ("loop", "loop_instructions"), ("inner loops", None), ("variant", "variant")]
 
     def cell(row, title, key):
         if title == "d/D":
@@ -530,6 +542,8 @@ def format_table(rows: List[dict]) -> str:
             return f"{row['block_m']}x{row['block_n']}"
         if title == "w/s":
             return f"{row['num_warps']}/{row['num_stages']}"
+        if title == "serial":  # y: ptxas serialized the kernel's wgmma (C7515), the reason in the JSON
+            return "y" if row.get("wgmma_serialized") else "n" if row["tensor_core_op"] == "wgmma" else "-"
         if title == "inner loops":  # every innermost loop, when there are several (attention: off band, band, off)
             inner = row.get("inner_loops") or []
             return "/".join(map(str, inner)) if len(inner) > 1 else "-"
@@ -667,6 +681,13 @@ def _row_order(row: dict):
             bool(row["key_padding"]), kernel if family == 0 else 0, kernel, row["variant"])
 
 
+def _row_name(row: dict) -> str:
+    flags = [name for name, on in (("dropout", row["dropout"]), ("key padding", row["key_padding"]),
+                                   ("yardstick", row["yardstick"])) if on]
+    size = f"d={row['head_dim']}" if row["head_dim"] is not None else f"D={row['hidden_size']}"
+    return " ".join([row["kernel"], row["arch"], row["dtype"], size, row["variant"]] + flags).replace("  ", " ")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("KERNEL_REPORT_OUT", ".benchmarks/kernel-report"),
@@ -700,6 +721,8 @@ def main(argv=None) -> int:
               "seconds": round(time.time() - start, 1), "compiles": compiles, "cache_hits": hits, "rows": rows}
     (out / "kernel-report.json").write_text(json.dumps(report, indent=1) + "\n")
     print(format_table(rows))
+    serialized = [_row_name(row) for row in rows if row.get("wgmma_serialized")]
+    print(f"\nwgmma serialized by ptxas (C7515) in {len(serialized)} rows" + "".join(f"\n  {s}" for s in serialized))
     print(f"\n{len(rows)} configurations, {compiles + hits} distinct kernels: {compiles} compiled, {hits} from the "
           f"cache ({out / 'cache'}), in {report['seconds']} s (triton {triton.__version__}, {args.jobs} processes); "
           f"wrote {out / 'kernel-report.json'}")

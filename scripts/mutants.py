@@ -38,6 +38,7 @@ T_ATTN_KERNEL = "tests/test_kernels_attention.py"
 T_LN_KERNEL = "tests/test_kernels_layer_norm.py"
 T_FILM_KERNEL = "tests/test_kernels_film.py"
 T_ADAPTER_KERNEL = "tests/test_kernels_adapter.py"
+T_KERNEL_REPORT_PIPELINE = "tests/test_kernel_report.py::test_attention_kernels_keep_their_wgmma_pipelined_on_sm90a"
 T_OPS = "tests/test_ops_attention.py tests/test_ops_film.py tests/test_ops_layer_norm.py tests/test_nn.py"
 T_MODELS = "tests/test_models.py"
 T_TRAINING = "tests/test_training.py"
@@ -177,6 +178,16 @@ MUTANTS = [
            "kb",
            "key bias operand: the backward's kb is the mask's, not what the forward adds (fp16 clamps, bf16 rounds)",
            T_ATTN_KERNEL),
+    Mutant("A31", ATTN_KERNEL,
+           "dq = _accumulator_zeros(0, BLOCK_M, BLOCK_D, opaque_zero)",
+           "dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)",
+           "dQ: the accumulator from tl.zeros (ptxas serializes the kernel's wgmma, C7515)",
+           T_KERNEL_REPORT_PIPELINE),
+    Mutant("A32", ATTN_KERNEL,
+           "dv = _accumulator_zeros(BLOCK_N * BLOCK_D, BLOCK_N, BLOCK_D, opaque_zero)",
+           "dv = _accumulator_zeros(0, BLOCK_N, BLOCK_D, opaque_zero)",
+           "dK/dV: dv starts from dk's values (LLVM shares them; the copies serialize the wgmma)",
+           T_KERNEL_REPORT_PIPELINE),
     # ---- conditional layer norm ----
     Mutant("L3", LN_KERNEL,
            "rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, 1) / D + eps)",

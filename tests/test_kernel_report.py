@@ -115,7 +115,14 @@ def test_ptxas_log_gives_registers_and_spills():
     log = ("ptxas info    : Compiling entry function '_bwd_dq_kernel' for 'sm_90a'\n"
            "    0 bytes stack frame, 48 bytes spill stores, 52 bytes spill loads\n"
            "ptxas info    : Used 255 registers, used 1 barriers\n")
-    assert kr.parse_ptxas_log(log) == {"regs": 255, "spill_bytes": 48, "spill_load_bytes": 52}
+    assert kr.parse_ptxas_log(log) == {"regs": 255, "spill_bytes": 48, "spill_load_bytes": 52,
+                                       "wgmma_serialized": None}
+    serialized = ("ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized "
+                  "due to non wgmma instructions defining accumulator registers of a wgmma between start and end of "
+                  "the pipeline stage in the function '_fwd_kernel' in line 1432\n" + log)
+    assert kr.parse_ptxas_log(serialized)["wgmma_serialized"] == (
+        "due to non wgmma instructions defining accumulator registers of a wgmma between start and end of the "
+        "pipeline stage")
     with pytest.raises(ValueError, match="registers and spills"):
         kr.parse_ptxas_log("ptxas fatal   : Unresolved extern function")
 
@@ -143,6 +150,7 @@ def test_report_compiles_the_d64_fp16_attention_forwards_for_sm90a(tmp_path):
         assert 0 < row["regs"] <= 255
         assert row["spill_bytes"] >= 0 and row["smem_bytes"] > 0
         assert row["tensor_core_op"] == "wgmma"  # d64 fp16 on sm_90a compiles to HGMMA
+        assert row["wgmma_serialized"] is None, row  # ptxas keeps the wgmma pipeline (no C7515)
         assert row["loop"].startswith("innermost") and row["loop_instructions"] > 0
     assert varlen[0]["loop_instructions"] < varlen[1]["loop_instructions"]  # dropout's mask is read in the loop
     assert "attention_fwd_varlen" in result.stdout
@@ -152,6 +160,7 @@ def test_report_compiles_the_d64_fp16_attention_forwards_for_sm90a(tmp_path):
     assert plain["loop_instructions"] < dropout["loop_instructions"]
     assert "attention_fwd" in result.stdout and "wgmma" in result.stdout
     assert "7 compiled, 0 from the cache" in result.stdout
+    assert "wgmma serialized by ptxas (C7515) in 0 rows" in result.stdout
 
     # Run again: every figure comes from <out>/cache, the same; a cache file cut short is compiled again.
     (min((tmp_path / "cache").glob("*.json"))).write_text('{"regs": 1')
@@ -208,6 +217,36 @@ def test_batched_raw_disassembly_lists_each_kernel_as_its_own_cubin_does(tmp_pat
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "batched disassembly ok" in result.stdout
+
+
+_WGMMA_PIPELINE_CHECK = """
+import importlib.util, sys
+
+spec = importlib.util.spec_from_file_location("kernel_report", sys.argv[1])
+kr = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(kr)
+kr._init_worker(sys.argv[2])
+wanted = {("attention_fwd", True, ""), ("attention_bwd_dq", False, ""), ("attention_bwd_dkdv", False, "L=100")}
+jobs = [job for job in kr.collect_configs(("sm_90a",), ("bf16",), (64,), (768,),
+                                          ["attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv"])
+        if (job["kernel"], job["dropout"], job["variant"]) in wanted and not job["key_padding"]
+        and not job["yardstick"]]
+assert len(jobs) == 3, [(j["kernel"], j["dropout"], j["variant"]) for j in jobs]
+for job, figures in zip(jobs, kr.compile_batch(jobs)):
+    print(job["kernel"], job["variant"] or "L=128", "dropout" if job["dropout"] else "", figures["tensor_core_op"],
+          "serialized" if figures["wgmma_serialized"] else "pipelined", figures["wgmma_serialized"] or "")
+"""
+
+
+def test_attention_kernels_keep_their_wgmma_pipelined_on_sm90a(tmp_path):
+    """ptxas serialized every wgmma of these three kernels (C7515) while their accumulators started from tl.zeros:
+    the forward with dropout, dQ, and dK/dV at an odd length (bf16, d64). See _accumulator_zeros."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _WGMMA_PIPELINE_CHECK, str(SCRIPT), str(tmp_path)], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 3 and all(" wgmma pipelined" in line for line in lines), result.stdout
 
 
 def _load_kernel(tmp_path, name: str, body: str):
