@@ -10,10 +10,27 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 import triton
+import triton.language as tl
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def accumulator_zeros(FIRST: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, opaque_zero):
+    """A [ROWS, COLS] fp32 tile of zeros for a wgmma accumulator, each element its own computed value,
+    (FIRST + r·COLS + c)·opaque_zero, so that they need no register copies.
+
+    From tl.zeros (one constant splat), LLVM copies the zero into every accumulator register on the path that skips
+    a loop (a loop that may run zero times), and may place that block after the loop, before the loop's final wgmma
+    wait. ptxas then serializes every wgmma of the kernel (C7515, "non wgmma instructions defining accumulator
+    registers ... between start and end of the pipeline stage"): no MMA overlaps another or the softmax. make
+    kernel-report shows it (the wgmma_serialized field). opaque_zero is a 0.0 computed from a kernel argument (e.g.
+    dropout_p · 0.0), which LLVM cannot fold.
+    """
+    index = FIRST + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+    return index.to(tl.float32) * opaque_zero
 
 
 def dot_flags(dtype: torch.dtype):

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_flags, interpreting, require_tf32
+from ._common import accumulator_zeros, dot_flags, interpreting, require_tf32
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def _fwd_kernel(X, GAMMA, BETA, INDEX, W, BIAS, Y, M, N, D, L,
     task = tl.load(INDEX + rows // L, mask=row_ok, other=0).to(tl.int64)
     table_rows = task[:, None] * D
     w_cols = W + cols.to(tl.int64)[None, :] * D
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc = accumulator_zeros(0, BLOCK_M, BLOCK_N, D * 0.0)  # not tl.zeros: ptxas would serialize the wgmma at D 768
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < D

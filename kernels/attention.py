@@ -73,7 +73,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_flags, gpu_capability, interpreting, require_tf32, target_programs
+from ._common import accumulator_zeros, dot_flags, gpu_capability, interpreting, require_tf32, target_programs
 
 LOG2E = tl.constexpr(1.4426950408889634)  # scores run in base 2: exp(x) = exp2(x·log2(e))
 LN2 = tl.constexpr(0.6931471805599453)  # and back: LSE = ln 2 · log2-sum-exp2
@@ -177,20 +177,6 @@ def _keep_bits(MASK_ROWS, n0, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, WORD
     words = tl.load(MASK_ROWS + (n0 // WORD) + tl.arange(0, BLOCK_N // WORD)[None, :])
     bits = (words[:, :, None] >> tl.arange(0, WORD)[None, None, :]) & 1
     return tl.reshape(bits, [BLOCK_R, BLOCK_N])
-
-
-@triton.jit
-def _accumulator_zeros(FIRST: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, opaque_zero):
-    """A [ROWS, COLS] fp32 tile of zeros for a wgmma accumulator, each element its own computed value,
-    (FIRST + r·COLS + c)·opaque_zero, so that they need no register copies.
-
-    From tl.zeros (one constant splat), LLVM copies the zero into every accumulator register on the path that skips
-    a key loop, and may place that block after the loop, before the loop's final wgmma wait. ptxas then serializes
-    every wgmma of the kernel (C7515, "non wgmma instructions defining accumulator registers ... between start and
-    end of the pipeline stage"): no MMA overlaps another or the softmax. make kernel-report shows it.
-    """
-    index = FIRST + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-    return index.to(tl.float32) * opaque_zero
 
 
 @triton.jit
@@ -362,7 +348,7 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
     m_i = tl.full([BLOCK_M], -3.4028234663852886e38, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     opaque_zero = dropout_p * 0.0  # 0.0 that LLVM cannot fold (x·0 is NaN for x = inf): see _fwd_tile
-    acc = _accumulator_zeros(0, BLOCK_M, BLOCK_D, opaque_zero)
+    acc = accumulator_zeros(0, BLOCK_M, BLOCK_D, opaque_zero)
     L_full = _full(L, BLOCK_N, EVEN_N)
     band_first, band_hi, after = _loops(m0, L, C, BLOCK_M, BLOCK_N, HAS_BLOCK_BIAS)
     if not EVEN_N:
@@ -491,7 +477,7 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, DS_SUM, BIAS, INDEX, KEY_BIAS
     ds_tile = (DS_SUM + (b.to(tl.int64) * tl.num_programs(2) + group) * LB * LS
                + (offs_m[:, None] * LS + offs_n_base[None, :]))
     dropout_scale = 1.0 / (1.0 - dropout_p)
-    opaque_zero = dropout_p * 0.0  # see _accumulator_zeros
+    opaque_zero = dropout_p * 0.0  # see accumulator_zeros
     band_lo, band_hi = _band(m0, L, C, BLOCK_M)
     band_first = band_lo // BLOCK_N * BLOCK_N
     L_full = _full(L, BLOCK_N, EVEN_N)
@@ -513,7 +499,7 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, DS_SUM, BIAS, INDEX, KEY_BIAS
         k_base = _slab(K, b, h, first, skb, skh, skl, VARLEN)
         v_base = _slab(V, b, h, first, svb, svh, svl, VARLEN)
         mask_rows = MASK + pid_bh.to(tl.int64) * LB * W + rows[:, None] * W
-        dq = _accumulator_zeros(0, BLOCK_M, BLOCK_D, opaque_zero)
+        dq = accumulator_zeros(0, BLOCK_M, BLOCK_D, opaque_zero)
         if not EVEN_N:
             if L_full < L:
                 dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, L_full, offs_n_base, offs_d, row_ok, d_ok, L,
@@ -615,9 +601,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, INDEX, KEY_BIAS, MAS
     DELTA_ROW = _row_stats(DELTA, pid_bh, h, first, L, N_TOKENS, VARLEN)
     mask_base = MASK + pid_bh.to(tl.int64) * LB * W
     dropout_scale = 1.0 / (1.0 - dropout_p)
-    opaque_zero = dropout_p * 0.0  # see _accumulator_zeros
-    dk = _accumulator_zeros(0, BLOCK_N, BLOCK_D, opaque_zero)
-    dv = _accumulator_zeros(BLOCK_N * BLOCK_D, BLOCK_N, BLOCK_D, opaque_zero)  # not dk's values: no copies
+    opaque_zero = dropout_p * 0.0  # see accumulator_zeros
+    dk = accumulator_zeros(0, BLOCK_N, BLOCK_D, opaque_zero)
+    dv = accumulator_zeros(BLOCK_N * BLOCK_D, BLOCK_N, BLOCK_D, opaque_zero)  # not dk's values: no copies
     L_full = _full(L, BLOCK_M, EVEN_M)
     band_first, band_hi, after = _loops(n0, L, C, BLOCK_N, BLOCK_M, HAS_BLOCK_BIAS)  # queries meeting these keys
     if not EVEN_M:

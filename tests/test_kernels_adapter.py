@@ -183,3 +183,11 @@ def test_shipped_configurations_compile_without_spills(tmp_path):
     assert len(rows) == 2
     for row in rows:
         assert row["spill_bytes"] == 0 and row["tensor_core_op"] == "mma.sync", row
+
+
+def test_sm90a_configurations_keep_their_wgmma_pipelined(tmp_path):
+    """At D 768 ptxas serialized the GEMM's wgmma (C7515) while its accumulator started from tl.zeros."""
+    rows = compile_report(tmp_path, ["adapter_fwd"], arch="sm_90a", dtypes=["fp16", "bf16"])
+    assert len(rows) == 2
+    for row in rows:
+        assert row["spill_bytes"] == 0 and row["tensor_core_op"] == "wgmma" and row["wgmma_serialized"] is None, row
