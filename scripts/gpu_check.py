@@ -90,7 +90,7 @@ def plan(out: Path, python: str, cuda_arch: str = "90a") -> List[Part]:
                                              str(out / BENCH_DIR / bench), "--no-figure", "--benchmark-storage",
                                              f"file://{out / BENCH_DIR / 'storage'}"],
                           budget, f"bench-{bench}.txt", env={"BENCH_SAVE": f"gpu-check-{bench}"}))
-    # This GPU's arch only, when the report knows it: both default archs are 7.5 to 9.5 CPU-minutes cold (2-core
+    # This GPU's arch only, when the report knows it: both default archs are 6 to 9.5 CPU-minutes cold (2-core
     # machine), too close to 40 s even on 16 cores; one is half that.
     report_arch = ["--arch", f"sm_{cuda_arch}"] if cuda_arch in KERNEL_REPORT_ARCHS else []
     parts.append(Part("kernel report", [python, "scripts/kernel_report.py", "--out", str(out / "kernel-report"),
