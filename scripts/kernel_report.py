@@ -9,7 +9,9 @@ plus a yardstick: the attention kernels with the conditional bias, the key
 padding and dropout compiled out (plain flash attention), in bf16 only (fp16's
 were the same in every row, to the instruction); and a padded batch of odd
 length (ODD_SEQ_LEN, bf16, d 64, sm_90a: variant "L=100"). Each row gives
-registers and spills (triton's own ptxas -v log), shared memory, the tensor
+registers and spills (triton's own ptxas -v log), shared memory, the thread
+blocks resident per SM that these allow (blocks_per_sm, as the CUDA occupancy
+calculator counts them: registers, shared memory, warps), the tensor
 core instruction (HGMMA = wgmma, HMMA = mma.sync), whether ptxas serialized
 the kernel's wgmma (wgmma_serialized: its reason from the log's C7515
 "Potential Performance Loss" line, or null; each wgmma then waits for the one
@@ -71,6 +73,11 @@ NVDISASM_ARCHS = {"sm_90a": "SM90a", "sm_80": "SM80", "sm_86": "SM86"}
 DEFAULT_ARCHS = ("sm_90a", "sm_80")  # sm_86 (99 KB of shared memory per block) on request: --arch sm_86
 # The GPU each arch's launches are recorded for: (compute capability, SM count) of an H100 SXM, an A100, an A10.
 SIMULATED_GPUS = {"sm_90a": ((9, 0), 132), "sm_80": ((8, 0), 108), "sm_86": ((8, 6), 72)}
+# Per SM: registers, resident warps and blocks, shared memory in bytes, and the shared memory the driver reserves
+# for each block (CUDA C++ Programming Guide, technical specifications per compute capability).
+SM_LIMITS = {"sm_90a": dict(regs=65536, warps=64, blocks=32, smem=228 * 1024, smem_reserved=1024),
+             "sm_80": dict(regs=65536, warps=64, blocks=32, smem=164 * 1024, smem_reserved=1024),
+             "sm_86": dict(regs=65536, warps=48, blocks=16, smem=100 * 1024, smem_reserved=1024)}
 DTYPES = ("fp16", "bf16")
 HEAD_DIMS = (32, 64, 128)
 HIDDEN_SIZES = (768, 1024)
@@ -84,7 +91,8 @@ YARDSTICK_DTYPE = "bf16"
 MIN_LOOP_INSTRUCTIONS = 24
 TENSOR_CORE_OPS = ("wgmma", "mma.sync", "none")
 FIELDS = ("kernel", "arch", "dtype", "head_dim", "block_m", "block_n", "num_warps", "num_stages", "dropout", "regs",
-          "spill_bytes", "smem_bytes", "tensor_core_op", "wgmma_serialized", "loop_instructions", "yardstick")
+          "spill_bytes", "smem_bytes", "blocks_per_sm", "tensor_core_op", "wgmma_serialized", "loop_instructions",
+          "yardstick")
 
 _SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", re.IGNORECASE)
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")  # nvdisasm: a branch target's label, on the line before it
@@ -516,6 +524,17 @@ def compile_job(job: dict) -> dict:
     return compile_batch([job])[0]
 
 
+def blocks_per_sm(arch: str, regs: int, smem_bytes: int, num_warps: int) -> int:
+    """Thread blocks resident on one SM, as the CUDA occupancy calculator counts them: the least of what the
+    register file holds (a warp's registers are allocated in units of 256), what shared memory holds (with the
+    1 KB the driver reserves per block), and the warp and block limits."""
+    limit = SM_LIMITS[arch]
+    regs_per_warp = -(-regs * 32 // 256) * 256
+    by_regs = limit["regs"] // (regs_per_warp * num_warps) if regs else limit["blocks"]
+    by_smem = limit["smem"] // (smem_bytes + limit["smem_reserved"])
+    return min(by_regs, by_smem, limit["warps"] // num_warps, limit["blocks"])
+
+
 def report_row(job: dict, compiled: dict) -> dict:
     """One row of the report: the configuration and what it compiled to."""
     kw = job["kwargs"]
@@ -524,6 +543,7 @@ def report_row(job: dict, compiled: dict) -> dict:
                dropout=job["dropout"], key_padding=job["key_padding"], variant=job["variant"],
                yardstick=job["yardstick"])
     row.update(compiled)
+    row["blocks_per_sm"] = blocks_per_sm(job["arch"], compiled["regs"], compiled["smem_bytes"], compiled["num_warps"])
     return row
 
 
@@ -532,7 +552,7 @@ def report_row(job: dict, compiled: dict) -> dict:
 def format_table(rows: List[dict]) -> str:
     columns = [("kernel", "kernel"), ("arch", "arch"), ("dtype", "dtype"), ("d/D", None), ("tile", None),
                ("w/s", None), ("drop", "dropout"), ("kpad", "key_padding"), ("yard", "yardstick"), ("regs", "regs"),
-               ("spill", "spill_bytes"), ("smem", "smem_bytes"), ("tc", "tensor_core_op"),
+               ("spill", "spill_bytes"), ("smem", "smem_bytes"), ("blk/SM", "blocks_per_sm"), ("tc", "tensor_core_op"),
                ("serial", None), ("loop", "loop_instructions"), ("inner loops", None), ("variant", "variant")]
 
     def cell(row, title, key):

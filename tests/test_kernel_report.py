@@ -127,6 +127,18 @@ def test_ptxas_log_gives_registers_and_spills():
         kr.parse_ptxas_log("ptxas fatal   : Unresolved extern function")
 
 
+def test_blocks_per_sm_is_the_tightest_of_registers_shared_memory_and_warps():
+    # 170 registers: 22 units of 256 per warp, 45056 per 8-warp block: one block in 65536 (128 registers: two).
+    assert kr.blocks_per_sm("sm_90a", 170, 53760, 8) == 1
+    assert kr.blocks_per_sm("sm_90a", 128, 53760, 8) == 2
+    # 90 registers on 4 warps: 5 blocks by registers (96 per thread, 12288 per block); shared memory allows 3.
+    assert kr.blocks_per_sm("sm_90a", 90, 73728, 4) == 3
+    assert kr.blocks_per_sm("sm_80", 90, 73728, 4) == 2  # 164 KB per SM
+    assert kr.blocks_per_sm("sm_86", 64, 99 * 1024, 4) == 1  # 99 KB + the 1 KB reserved fill 100 KB
+    assert kr.blocks_per_sm("sm_90a", 32, 0, 1) == 32  # the block limit
+    assert kr.blocks_per_sm("sm_86", 32, 0, 4) == 12  # the warp limit: 48 warps
+
+
 def test_report_compiles_the_d64_fp16_attention_forwards_for_sm90a(tmp_path):
     """The real path, CPU only: the dispatcher's launches (padded and packed) recorded, compiled for sm_90a, read back
     from the JSON."""
@@ -151,6 +163,8 @@ def test_report_compiles_the_d64_fp16_attention_forwards_for_sm90a(tmp_path):
         assert row["spill_bytes"] >= 0 and row["smem_bytes"] > 0
         assert row["tensor_core_op"] == "wgmma"  # d64 fp16 on sm_90a compiles to HGMMA
         assert row["wgmma_serialized"] is None, row  # ptxas keeps the wgmma pipeline (no C7515)
+        assert row["blocks_per_sm"] == kr.blocks_per_sm("sm_90a", row["regs"], row["smem_bytes"], row["num_warps"])
+        assert row["blocks_per_sm"] >= 1
         assert row["loop"].startswith("innermost") and row["loop_instructions"] > 0
     assert varlen[0]["loop_instructions"] < varlen[1]["loop_instructions"]  # dropout's mask is read in the loop
     assert "attention_fwd_varlen" in result.stdout
