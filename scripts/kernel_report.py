@@ -16,7 +16,11 @@ core instruction (HGMMA = wgmma, HMMA = mma.sync), whether ptxas serialized
 the kernel's wgmma (wgmma_serialized: its reason from the log's C7515
 "Potential Performance Loss" line, or null; each wgmma then waits for the one
 before, so no MMA overlaps another or the softmax) and the size of the main
-loop in SASS. Output: kernel-report.json in --out (default
+loop in SASS, per thread and per score (loop_instructions_per_score, the
+attention kernels: the loop's instructions times the block's threads over the
+tile's BLOCK_M x BLOCK_N scores, which compares tiles with different warp
+counts; per thread, more warps always look cheaper, even when they repeat
+work). Output: kernel-report.json in --out (default
 $KERNEL_REPORT_OUT or .benchmarks/kernel-report/) and a table on stdout.
 
 How configurations are found: the kernel files' own launch functions
@@ -92,7 +96,10 @@ MIN_LOOP_INSTRUCTIONS = 24
 TENSOR_CORE_OPS = ("wgmma", "mma.sync", "none")
 FIELDS = ("kernel", "arch", "dtype", "head_dim", "block_m", "block_n", "num_warps", "num_stages", "dropout", "regs",
           "spill_bytes", "smem_bytes", "blocks_per_sm", "tensor_core_op", "wgmma_serialized", "loop_instructions",
-          "yardstick")
+          "loop_instructions_per_score", "yardstick")
+# The kernels whose main loop covers a [BLOCK_M, BLOCK_N] tile of attention scores per iteration.
+SCORE_TILE_KERNELS = ("attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv", "attention_fwd_varlen",
+                      "attention_bwd_dq_varlen", "attention_bwd_dkdv_varlen")
 
 _SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", re.IGNORECASE)
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")  # nvdisasm: a branch target's label, on the line before it
@@ -544,6 +551,10 @@ def report_row(job: dict, compiled: dict) -> dict:
                yardstick=job["yardstick"])
     row.update(compiled)
     row["blocks_per_sm"] = blocks_per_sm(job["arch"], compiled["regs"], compiled["smem_bytes"], compiled["num_warps"])
+    row["loop_instructions_per_score"] = None
+    if job["kernel"] in SCORE_TILE_KERNELS:  # all the block's threads, over the tile's scores: compares warp counts
+        row["loop_instructions_per_score"] = round(
+            compiled["loop_instructions"] * 32 * compiled["num_warps"] / (row["block_m"] * row["block_n"]), 1)
     return row
 
 
@@ -553,7 +564,8 @@ def format_table(rows: List[dict]) -> str:
     columns = [("kernel", "kernel"), ("arch", "arch"), ("dtype", "dtype"), ("d/D", None), ("tile", None),
                ("w/s", None), ("drop", "dropout"), ("kpad", "key_padding"), ("yard", "yardstick"), ("regs", "regs"),
                ("spill", "spill_bytes"), ("smem", "smem_bytes"), ("blk/SM", "blocks_per_sm"), ("tc", "tensor_core_op"),
-               ("serial", None), ("loop", "loop_instructions"), ("inner loops", None), ("variant", "variant")]
+               ("serial", None), ("loop", "loop_instructions"), ("/score", "loop_instructions_per_score"),
+               ("inner loops", None), ("variant", "variant")]
 
     def cell(row, title, key):
         if title == "d/D":

@@ -139,6 +139,20 @@ def test_blocks_per_sm_is_the_tightest_of_registers_shared_memory_and_warps():
     assert kr.blocks_per_sm("sm_86", 32, 0, 4) == 12  # the warp limit: 48 warps
 
 
+def test_a_row_counts_loop_instructions_per_score_for_the_attention_tiles_only():
+    compiled = dict(regs=146, smem_bytes=81920, num_warps=8, num_stages=3, loop_instructions=370)
+    job = dict(kernel="attention_bwd_dq", arch="sm_90a", dtype="bf16", head_dim=64, hidden_size=None,
+               kwargs=dict(BLOCK_M=64, BLOCK_N=64), dropout=False, key_padding=False, variant="", yardstick=False)
+    row = kr.report_row(job, compiled)
+    assert row["loop_instructions_per_score"] == 23.1  # 370 instructions x 256 threads / 4096 scores
+    assert row["blocks_per_sm"] == 1
+    four_warps = kr.report_row(job, dict(compiled, regs=188, num_warps=4, loop_instructions=465))
+    assert four_warps["loop_instructions_per_score"] == 14.5  # more per thread, fewer per score
+    norm = kr.report_row(dict(job, kernel="layer_norm_fwd", head_dim=None, hidden_size=768,
+                              kwargs=dict(BLOCK_M=4, BLOCK_D=1024)), compiled)
+    assert norm["loop_instructions_per_score"] is None
+
+
 def test_report_compiles_the_d64_fp16_attention_forwards_for_sm90a(tmp_path):
     """The real path, CPU only: the dispatcher's launches (padded and packed) recorded, compiled for sm_90a, read back
     from the JSON."""
@@ -165,6 +179,8 @@ def test_report_compiles_the_d64_fp16_attention_forwards_for_sm90a(tmp_path):
         assert row["wgmma_serialized"] is None, row  # ptxas keeps the wgmma pipeline (no C7515)
         assert row["blocks_per_sm"] == kr.blocks_per_sm("sm_90a", row["regs"], row["smem_bytes"], row["num_warps"])
         assert row["blocks_per_sm"] >= 1
+        assert row["loop_instructions_per_score"] == round(
+            row["loop_instructions"] * 32 * row["num_warps"] / (row["block_m"] * row["block_n"]), 1)
         assert row["loop"].startswith("innermost") and row["loop_instructions"] > 0
     assert varlen[0]["loop_instructions"] < varlen[1]["loop_instructions"]  # dropout's mask is read in the loop
     assert "attention_fwd_varlen" in result.stdout
