@@ -18,19 +18,27 @@ def interpreting() -> bool:
 
 
 @triton.jit
-def accumulator_zeros(FIRST: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, opaque_zero):
-    """A [ROWS, COLS] fp32 tile of zeros for a wgmma accumulator, each element its own computed value,
-    (FIRST + r·COLS + c)·opaque_zero, so that they need no register copies.
+def accumulator_zeros(FIRST: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, opaque_zero,
+                      WGMMA: tl.constexpr):
+    """A [ROWS, COLS] fp32 tile of zeros for a dot's accumulator. With WGMMA (sm_90), each element is its own
+    computed value, (FIRST + r·COLS + c)·opaque_zero, so that they need no register copies; else tl.zeros.
 
     From tl.zeros (one constant splat), LLVM copies the zero into every accumulator register on the path that skips
     a loop (a loop that may run zero times), and may place that block after the loop, before the loop's final wgmma
     wait. ptxas then serializes every wgmma of the kernel (C7515, "non wgmma instructions defining accumulator
     registers ... between start and end of the pipeline stage"): no MMA overlaps another or the softmax. make
-    kernel-report shows it (the wgmma_serialized field). opaque_zero is a 0.0 computed from a kernel argument (e.g.
-    dropout_p · 0.0), which LLVM cannot fold.
+    kernel-report shows it (the wgmma_serialized field). Without wgmma (sm_80) the computed zeros only cost
+    registers (dQ's yardstick at d32 took 160 instead of 124), hence the flag.
+
+    opaque_zero is 0.0 computed from a kernel argument, which LLVM cannot fold: dropout_p · 0.0 (a float), or
+    D · 0.0 (an int). An int argument equal to 1 is specialized into a constant by triton's JIT, and then so is
+    the zero: at D = 1 the wgmma would be serialized again (the values stay exact zeros).
     """
-    index = FIRST + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-    return index.to(tl.float32) * opaque_zero
+    if WGMMA:
+        index = FIRST + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+        return index.to(tl.float32) * opaque_zero
+    else:
+        return tl.zeros([ROWS, COLS], tl.float32)
 
 
 def dot_flags(dtype: torch.dtype):

@@ -27,13 +27,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import accumulator_zeros, dot_flags, interpreting, require_tf32
+from ._common import accumulator_zeros, dot_flags, gpu_capability, interpreting, require_tf32
 
 
 @triton.jit
 def _fwd_kernel(X, GAMMA, BETA, INDEX, W, BIAS, Y, M, N, D, L,
                 HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WGMMA: tl.constexpr = False):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
@@ -42,7 +42,7 @@ def _fwd_kernel(X, GAMMA, BETA, INDEX, W, BIAS, Y, M, N, D, L,
     task = tl.load(INDEX + rows // L, mask=row_ok, other=0).to(tl.int64)
     table_rows = task[:, None] * D
     w_cols = W + cols.to(tl.int64)[None, :] * D
-    acc = accumulator_zeros(0, BLOCK_M, BLOCK_N, D * 0.0)  # not tl.zeros: ptxas would serialize the wgmma at D 768
+    acc = accumulator_zeros(0, BLOCK_M, BLOCK_N, D * 0.0, WGMMA)  # tl.zeros: ptxas serialized the wgmma at D 768
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < D
@@ -63,8 +63,9 @@ def _fwd_kernel(X, GAMMA, BETA, INDEX, W, BIAS, Y, M, N, D, L,
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _config(dtype: torch.dtype):
-    """Tiles and dot flags. One choice for sm_80 and sm_90a: 0 spills on both (scripts/kernel_report.py).
+def _config(dtype: torch.dtype, capability=None):
+    """Tiles and dot flags for a GPU of this (major, minor) capability, or None under the interpreter. One choice
+    of tiles for sm_80 and sm_90a: 0 spills on both (scripts/kernel_report.py); WGMMA on sm_90 (accumulator_zeros).
 
     The FiLM prologue holds three fp32 [BLOCK_M, BLOCK_K] tiles (x, γ, β) besides the accumulator, so
     128×64 tiles on 4 warps need 255 registers and spill 88-140 B on sm_80; 64×64 ones need 130-146.
@@ -75,7 +76,8 @@ def _config(dtype: torch.dtype):
         blocks = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4)
     else:
         block_k = 32 if dtype == torch.float32 else 64
-        blocks = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, num_warps=4, num_stages=3)
+        blocks = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, num_warps=4, num_stages=3,
+                      WGMMA=capability is not None and capability[0] == 9)
     return dict(UPCAST=upcast, PRECISION=precision, **blocks)
 
 
@@ -87,7 +89,7 @@ def film_linear_forward(x, gamma, beta, index, weight, bias):
     require_tf32(x.dtype, x.device, "film_linear")
     y = torch.empty((B, L, N), dtype=x.dtype, device=x.device)
     if M and N:
-        cfg = _config(x.dtype)
+        cfg = _config(x.dtype, gpu_capability(x.device))
         grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
         _fwd_kernel[grid](
             x.contiguous(), gamma.contiguous(), beta.contiguous(), index.contiguous(), weight.contiguous(),

@@ -318,7 +318,7 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
                 HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
                 EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WORD: tl.constexpr,
-                HAS_BLOCK_BIAS: tl.constexpr = True, VARLEN: tl.constexpr = False):
+                HAS_BLOCK_BIAS: tl.constexpr = True, VARLEN: tl.constexpr = False, WGMMA: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -348,7 +348,7 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
     m_i = tl.full([BLOCK_M], -3.4028234663852886e38, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     opaque_zero = dropout_p * 0.0  # 0.0 that LLVM cannot fold (x·0 is NaN for x = inf): see _fwd_tile
-    acc = accumulator_zeros(0, BLOCK_M, BLOCK_D, opaque_zero)
+    acc = accumulator_zeros(0, BLOCK_M, BLOCK_D, opaque_zero, WGMMA)
     L_full = _full(L, BLOCK_N, EVEN_N)
     band_first, band_hi, after = _loops(m0, L, C, BLOCK_M, BLOCK_N, HAS_BLOCK_BIAS)
     if not EVEN_N:
@@ -451,7 +451,7 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, DS_SUM, BIAS, INDEX, KEY_BIAS
                    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WORD: tl.constexpr,
                    HEADS_PER_PROGRAM: tl.constexpr, HAS_BLOCK_BIAS: tl.constexpr = True,
-                   VARLEN: tl.constexpr = False):
+                   VARLEN: tl.constexpr = False, WGMMA: tl.constexpr = False):
     """dQ for a query tile of HEADS_PER_PROGRAM heads (group program_id(2)), one head after the other.
 
     Writes DELTA = rowsum(dO·O) [B·H, L] (read by _bwd_dkdv_kernel, launched after) and, on the band tiles, the
@@ -499,7 +499,7 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, DS_SUM, BIAS, INDEX, KEY_BIAS
         k_base = _slab(K, b, h, first, skb, skh, skl, VARLEN)
         v_base = _slab(V, b, h, first, svb, svh, svl, VARLEN)
         mask_rows = MASK + pid_bh.to(tl.int64) * LB * W + rows[:, None] * W
-        dq = accumulator_zeros(0, BLOCK_M, BLOCK_D, opaque_zero)
+        dq = accumulator_zeros(0, BLOCK_M, BLOCK_D, opaque_zero, WGMMA)
         if not EVEN_N:
             if L_full < L:
                 dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, L_full, offs_n_base, offs_d, row_ok, d_ok, L,
@@ -569,7 +569,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, INDEX, KEY_BIAS, MAS
                      HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
                      EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WORD: tl.constexpr,
-                     HAS_BLOCK_BIAS: tl.constexpr = True, VARLEN: tl.constexpr = False):
+                     HAS_BLOCK_BIAS: tl.constexpr = True, VARLEN: tl.constexpr = False, WGMMA: tl.constexpr = False):
     """dK and dV for a key tile (EVEN_N: L a multiple of BLOCK_N), looping over every query tile (EVEN_M: of
     BLOCK_M), non-causal."""
     pid_n = tl.program_id(0)
@@ -602,8 +602,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, INDEX, KEY_BIAS, MAS
     mask_base = MASK + pid_bh.to(tl.int64) * LB * W
     dropout_scale = 1.0 / (1.0 - dropout_p)
     opaque_zero = dropout_p * 0.0  # see accumulator_zeros
-    dk = accumulator_zeros(0, BLOCK_N, BLOCK_D, opaque_zero)
-    dv = accumulator_zeros(BLOCK_N * BLOCK_D, BLOCK_N, BLOCK_D, opaque_zero)  # not dk's values: no copies
+    dk = accumulator_zeros(0, BLOCK_N, BLOCK_D, opaque_zero, WGMMA)
+    dv = accumulator_zeros(BLOCK_N * BLOCK_D, BLOCK_N, BLOCK_D, opaque_zero, WGMMA)  # not dk's values: no copies
     L_full = _full(L, BLOCK_M, EVEN_M)
     band_first, band_hi, after = _loops(n0, L, C, BLOCK_N, BLOCK_M, HAS_BLOCK_BIAS)  # queries meeting these keys
     if not EVEN_M:
@@ -707,7 +707,7 @@ def _configs(q: torch.Tensor):
 
 
 def _configs_for(d: int, dtype: torch.dtype, capability=None):
-    """{"fwd" | "dq" | "dkdv": dict(BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION, num_warps, num_stages)}.
+    """{"fwd" | "dq" | "dkdv": dict(BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION, num_warps, num_stages, WGMMA)}.
 
     capability is the GPU's (major, minor), or None under the interpreter, where every tile is 16x16 (the
     interpreter is slow: small tiles keep test shapes cheap).
@@ -716,12 +716,14 @@ def _configs_for(d: int, dtype: torch.dtype, capability=None):
     upcast, precision = dot_flags(dtype)
     if capability is None or interpreting():
         tiles = {name: (16, 16, 4, 1) for name in PASSES}
+        wgmma = False
     else:
         tiles = _TILES[_tile_family(capability)][max(64, block_d)]
+        wgmma = _tile_family(capability) == "sm_90"  # the accumulators' zeros (accumulator_zeros)
     configs = {}
     for name, (m, n, w, stages, *maxnreg) in tiles.items():
         configs[name] = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=block_d, UPCAST=upcast, PRECISION=precision, num_warps=w,
-                             num_stages=stages)
+                             num_stages=stages, WGMMA=wgmma)
         if maxnreg:  # a register budget for ptxas, where its own choice would spill
             configs[name]["maxnreg"] = maxnreg[0]
     return configs

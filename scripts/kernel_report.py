@@ -13,14 +13,16 @@ registers and spills (triton's own ptxas -v log), shared memory, the thread
 blocks resident per SM that these allow (blocks_per_sm, as the CUDA occupancy
 calculator counts them: registers, shared memory, warps), the tensor
 core instruction (HGMMA = wgmma, HMMA = mma.sync), whether ptxas serialized
-the kernel's wgmma (wgmma_serialized: its reason from the log's C7515
-"Potential Performance Loss" line, or null; each wgmma then waits for the one
-before, so no MMA overlaps another or the softmax) and the size of the main
+the kernel's wgmma (wgmma_serialized: the code and reason of the log's
+"Potential Performance Loss" line, e.g. C7515, or null; each wgmma then
+waits for the one before, so no MMA overlaps another or the softmax), the size of the main
 loop in SASS, per thread and per score (loop_instructions_per_score, the
 attention kernels: the loop's instructions times the block's threads over the
 tile's BLOCK_M x BLOCK_N scores, which compares tiles with different warp
 counts; per thread, more warps always look cheaper, even when they repeat
-work). Output: kernel-report.json in --out (default
+work), and the loop's tensor-core instructions (loop_wgmma, loop_mma_sync:
+tensor_core_op names the best one in the whole kernel, and a loop may mix
+them). Output: kernel-report.json in --out (default
 $KERNEL_REPORT_OUT or .benchmarks/kernel-report/) and a table on stdout.
 
 How configurations are found: the kernel files' own launch functions
@@ -96,7 +98,7 @@ MIN_LOOP_INSTRUCTIONS = 24
 TENSOR_CORE_OPS = ("wgmma", "mma.sync", "none")
 FIELDS = ("kernel", "arch", "dtype", "head_dim", "block_m", "block_n", "num_warps", "num_stages", "dropout", "regs",
           "spill_bytes", "smem_bytes", "blocks_per_sm", "tensor_core_op", "wgmma_serialized", "loop_instructions",
-          "loop_instructions_per_score", "yardstick")
+          "loop_instructions_per_score", "loop_wgmma", "loop_mma_sync", "yardstick")
 # The kernels whose main loop covers a [BLOCK_M, BLOCK_N] tile of attention scores per iteration.
 SCORE_TILE_KERNELS = ("attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv", "attention_fwd_varlen",
                       "attention_bwd_dq_varlen", "attention_bwd_dkdv_varlen")
@@ -148,12 +150,20 @@ def _count(instructions: List[tuple], start: int, end: int) -> int:
     return sum(1 for addr, text in instructions if start <= addr <= end and not text.startswith("NOP"))
 
 
+def _mma_counts(instructions: List[tuple], start: int, end: int) -> Dict[str, int]:
+    """The tensor-core instructions in [start, end]: {"wgmma": HGMMA count, "mma.sync": HMMA count}."""
+    opcodes = [text.split()[1 if text.startswith("@") else 0].split(".")[0] for addr, text in instructions
+               if start <= addr <= end]  # past a predicate (@P0, @!PT)
+    return {"wgmma": opcodes.count("HGMMA"), "mma.sync": opcodes.count("HMMA")}
+
+
 def main_loop(sass: str) -> Dict[str, object]:
     """The hot loop of one kernel's SASS: its instruction count, the spans found, and how it was chosen.
 
-    Returns {"instructions": n, "loop": "innermost of k" | "none", "loops": k, "inner": [...]}: n is the largest
-    innermost loop, inner every innermost loop's count in address order (the attention loops before the band, on
-    it and after it). With no loop, n is the whole kernel and inner is empty.
+    Returns {"instructions": n, "loop": "innermost of k" | "none", "loops": k, "inner": [...], "mma": {...}}: n is
+    the largest innermost loop, inner every innermost loop's count in address order (the attention loops before the
+    band, on it and after it), mma its tensor-core instructions ({"wgmma": HGMMA, "mma.sync": HMMA}). With no
+    loop, n and mma count the whole kernel and inner is empty.
     """
     return _main_loop(parse_sass(sass))
 
@@ -165,11 +175,11 @@ def _main_loop(instructions: List[tuple]) -> Dict[str, object]:
     spans = [span for span in spans if span[2] >= MIN_LOOP_INSTRUCTIONS]
     if not spans:
         return {"instructions": _count(instructions, 0, instructions[-1][0]), "loop": "none", "loops": 0,
-                "inner": []}
+                "inner": [], "mma": _mma_counts(instructions, 0, instructions[-1][0])}
     innermost = [a for a in spans if not any(b is not a and a[0] <= b[0] and b[1] <= a[1] for b in spans)]
     best = max(innermost, key=lambda span: span[2])
     return {"instructions": best[2], "loop": f"innermost of {len(spans)}", "loops": len(spans),
-            "inner": [span[2] for span in sorted(innermost)]}
+            "inner": [span[2] for span in sorted(innermost)], "mma": _mma_counts(instructions, best[0], best[1])}
 
 
 def tensor_core_op(sass: str) -> str:
@@ -232,22 +242,24 @@ def disassemble(codes: List[bytes], arch: str) -> List[List[tuple]]:
     return split_listing(parse_sass(sass), [len(code) for code in codes])
 
 
-# ptxas's C7515 ("Potential Performance Loss: wgmma.mma_async instructions are serialized due to ..."): it then waits
-# for every wgmma of the kernel before issuing the next, so no MMA overlaps another or the softmax.
-_WGMMA_SERIALIZED = re.compile(r"wgmma\.mma_async instructions are serialized (due to [^']*?)(?: in the function|$)",
-                               re.MULTILINE)
+# ptxas's "Potential Performance Loss: wgmma.mma_async instructions are serialized due to ..." (C7515 and its kin,
+# one code per reason): it then waits for every wgmma of the kernel before issuing the next, so no MMA overlaps
+# another or the softmax.
+_WGMMA_SERIALIZED = re.compile(
+    r"\((C\d+)\)[^\n]*?wgmma\.mma_async instructions are serialized (due to [^'\n]*?)(?: in the function|$)",
+    re.MULTILINE)
 
 
 def parse_ptxas_log(log: str) -> Dict[str, object]:
-    """regs, spill_bytes (spill stores), spill_load_bytes and wgmma_serialized (ptxas's reason, or None) from a
-    ptxas -v log."""
+    """regs, spill_bytes (spill stores), spill_load_bytes and wgmma_serialized (ptxas's code and reason, e.g.
+    "C7515: due to ...", or None) from a ptxas -v log."""
     regs = re.search(r"Used (\d+) registers", log)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     if not regs or not spill:
         raise ValueError(f"could not read registers and spills from the ptxas log:\n{log}")
     serialized = _WGMMA_SERIALIZED.search(log)
     return {"regs": int(regs.group(1)), "spill_bytes": int(spill.group(1)), "spill_load_bytes": int(spill.group(2)),
-            "wgmma_serialized": serialized.group(1).strip() if serialized else None}
+            "wgmma_serialized": f"{serialized.group(1)}: {serialized.group(2).strip()}" if serialized else None}
 
 
 # ---- configurations: the kernel files' launches, recorded on meta tensors ------------------------------------
@@ -520,7 +532,8 @@ def compile_batch(jobs: List[dict]) -> List[dict]:
     for figure, listing in zip(figures, listings):
         loop = _main_loop(listing)
         figure.update(tensor_core_op=_tensor_core_op(listing), loop_instructions=loop["instructions"],
-                      loop=loop["loop"], inner_loops=loop["inner"],
+                      loop=loop["loop"], inner_loops=loop["inner"], loop_wgmma=loop["mma"]["wgmma"],
+                      loop_mma_sync=loop["mma"]["mma.sync"],
                       compile_s=round(figure["compile_s"] + share, 2),
                       compile_cpu_s=round(figure["compile_cpu_s"] + cpu_share, 2))
     return figures
@@ -533,11 +546,12 @@ def compile_job(job: dict) -> dict:
 
 def blocks_per_sm(arch: str, regs: int, smem_bytes: int, num_warps: int) -> int:
     """Thread blocks resident on one SM, as the CUDA occupancy calculator counts them: the least of what the
-    register file holds (a warp's registers are allocated in units of 256), what shared memory holds (with the
-    1 KB the driver reserves per block), and the warp and block limits."""
+    register file holds (a warp's registers are allocated in units of 256, from one of the SM's four quarters),
+    what shared memory holds (with the 1 KB the driver reserves per block), and the warp and block limits."""
     limit = SM_LIMITS[arch]
     regs_per_warp = -(-regs * 32 // 256) * 256
-    by_regs = limit["regs"] // (regs_per_warp * num_warps) if regs else limit["blocks"]
+    warps_by_regs = 4 * (limit["regs"] // 4 // regs_per_warp) if regs else limit["warps"]
+    by_regs = warps_by_regs // num_warps
     by_smem = limit["smem"] // (smem_bytes + limit["smem_reserved"])
     return min(by_regs, by_smem, limit["warps"] // num_warps, limit["blocks"])
 
@@ -565,6 +579,7 @@ def format_table(rows: List[dict]) -> str:
                ("w/s", None), ("drop", "dropout"), ("kpad", "key_padding"), ("yard", "yardstick"), ("regs", "regs"),
                ("spill", "spill_bytes"), ("smem", "smem_bytes"), ("blk/SM", "blocks_per_sm"), ("tc", "tensor_core_op"),
                ("serial", None), ("loop", "loop_instructions"), ("/score", "loop_instructions_per_score"),
+               ("mma g/s", None),
                ("inner loops", None), ("variant", "variant")]
 
     def cell(row, title, key):
@@ -574,7 +589,9 @@ def format_table(rows: List[dict]) -> str:
             return f"{row['block_m']}x{row['block_n']}"
         if title == "w/s":
             return f"{row['num_warps']}/{row['num_stages']}"
-        if title == "serial":  # y: ptxas serialized the kernel's wgmma (C7515), the reason in the JSON
+        if title == "mma g/s":  # the main loop's wgmma / mma.sync instructions
+            return f"{row['loop_wgmma']}/{row['loop_mma_sync']}"
+        if title == "serial":  # y: ptxas serialized the kernel's wgmma, the reason in the JSON
             return "y" if row.get("wgmma_serialized") else "n" if row["tensor_core_op"] == "wgmma" else "-"
         if title == "inner loops":  # every innermost loop, when there are several (attention: off band, band, off)
             inner = row.get("inner_loops") or []
@@ -717,7 +734,7 @@ def _row_name(row: dict) -> str:
     flags = [name for name, on in (("dropout", row["dropout"]), ("key padding", row["key_padding"]),
                                    ("yardstick", row["yardstick"])) if on]
     size = f"d={row['head_dim']}" if row["head_dim"] is not None else f"D={row['hidden_size']}"
-    return " ".join([row["kernel"], row["arch"], row["dtype"], size, row["variant"]] + flags).replace("  ", " ")
+    return " ".join(part for part in [row["kernel"], row["arch"], row["dtype"], size, row["variant"]] + flags if part)
 
 
 def main(argv=None) -> int:
@@ -754,7 +771,7 @@ def main(argv=None) -> int:
     (out / "kernel-report.json").write_text(json.dumps(report, indent=1) + "\n")
     print(format_table(rows))
     serialized = [_row_name(row) for row in rows if row.get("wgmma_serialized")]
-    print(f"\nwgmma serialized by ptxas (C7515) in {len(serialized)} rows" + "".join(f"\n  {s}" for s in serialized))
+    print(f"\nwgmma serialized by ptxas in {len(serialized)} rows" + "".join(f"\n  {s}" for s in serialized))
     print(f"\n{len(rows)} configurations, {compiles + hits} distinct kernels: {compiles} compiled, {hits} from the "
           f"cache ({out / 'cache'}), in {report['seconds']} s (triton {triton.__version__}, {args.jobs} processes); "
           f"wrote {out / 'kernel-report.json'}")

@@ -51,7 +51,8 @@ def test_main_loop_counts_the_span_from_the_branch_target_to_the_backward_branch
     body += ["EXIT", "BRA {34}", "NOP", "NOP"]                 # 33-36: the end-of-kernel self-branch is no loop
     sass = _sass(_program(body))
     loop = kr.main_loop(sass)
-    assert loop == {"instructions": 28, "loop": "innermost of 1", "loops": 1, "inner": [28]}  # 3..32, less 2 NOPs
+    assert loop == {"instructions": 28, "loop": "innermost of 1", "loops": 1, "inner": [28],  # 3..32, less 2 NOPs
+                    "mma": {"wgmma": 0, "mma.sync": 6}}
     assert kr.tensor_core_op(sass) == "mma.sync"
 
 
@@ -65,8 +66,9 @@ def test_main_loop_takes_the_innermost_loop_and_ignores_spin_waits():
     body += ["@P2 BRA {1}", "HGMMA.64x64x16.F32 R24, gdesc[UR8], RZ, !UPT, gsb0", "EXIT"]  # 52: outer back-branch
     sass = _sass(_program(body))
     assert kr.find_loops(kr.parse_sass(sass)) == [(0x60, 0x2e0), (0x2f0, 0x300), (0x10, 0x340)]
-    assert kr.main_loop(sass) == {"instructions": 41, "loop": "innermost of 2", "loops": 2, "inner": [41]}
-    assert kr.tensor_core_op(sass) == "wgmma"
+    assert kr.main_loop(sass) == {"instructions": 41, "loop": "innermost of 2", "loops": 2, "inner": [41],
+                                  "mma": {"wgmma": 0, "mma.sync": 0}}
+    assert kr.tensor_core_op(sass) == "wgmma"  # the kernel's, outside the hot loop
 
 
 def test_main_loop_is_the_largest_of_sibling_loops_and_inner_lists_them_all():
@@ -77,7 +79,18 @@ def test_main_loop_is_the_largest_of_sibling_loops_and_inner_lists_them_all():
     body += ["FFMA R1, R2, R3, R1"] * 24 + ["@P2 BRA {71}"]    # 71-95: 25
     body += ["EXIT", "BRA {97}"]
     loop = kr.main_loop(_sass(_program(body)))
-    assert loop == {"instructions": 40, "loop": "innermost of 3", "loops": 3, "inner": [30, 40, 25]}
+    assert loop == {"instructions": 40, "loop": "innermost of 3", "loops": 3, "inner": [30, 40, 25],
+                    "mma": {"wgmma": 0, "mma.sync": 0}}
+
+
+def test_main_loop_counts_its_tensor_core_instructions_of_each_kind():
+    """dK/dV at sm_90a: S and dP on mma.sync (32 query rows), dK and dV on wgmma, in one loop."""
+    body = ["MOV R0, RZ"]                                                      # 0
+    body += ["HMMA.16816.F32.BF16 R4, R8, R12, R4"] * 16                      # 1-16
+    body += ["WARPGROUP.ARRIVE", "@P3 HGMMA.64x32x16.F32.BF16 R24, gdesc[UR4], R24, gsb0"] * 4  # 17-24
+    body += ["FFMA R1, R2, R3, R1"] * 10 + ["@P0 BRA {1}", "HGMMA.64x64x16.F32 R24, gdesc[UR8], RZ, !UPT", "EXIT"]
+    loop = kr.main_loop(_sass(_program(body)))
+    assert loop["instructions"] == 35 and loop["mma"] == {"wgmma": 4, "mma.sync": 16}
 
 
 def _nvdisasm(body):
@@ -99,13 +112,14 @@ def test_nvdisasm_labels_read_as_the_addresses_cuobjdump_prints():
     assert "BRA `(.L_x_31)" in nvdisasm and "0x" not in nvdisasm.split("BRA")[1].split(";")[0]
     assert kr.parse_sass(nvdisasm) == kr.parse_sass(cuobjdump)
     assert kr.main_loop(nvdisasm) == kr.main_loop(cuobjdump) == {
-        "instructions": 40, "loop": "innermost of 2", "loops": 2, "inner": [30, 40]}
+        "instructions": 40, "loop": "innermost of 2", "loops": 2, "inner": [30, 40], "mma": {"wgmma": 0, "mma.sync": 0}}
 
 
 def test_main_loop_of_a_kernel_without_a_loop_is_the_whole_kernel():
     sass = _sass(_program(["S2R R0, SR_TID.X", "FADD R1, R0, R0", "STG.E desc[UR4][R2.64], R1", "EXIT", "BRA {4}",
                            "NOP"]))
-    assert kr.main_loop(sass) == {"instructions": 5, "loop": "none", "loops": 0, "inner": []}
+    assert kr.main_loop(sass) == {"instructions": 5, "loop": "none", "loops": 0, "inner": [],
+                                  "mma": {"wgmma": 0, "mma.sync": 0}}
     assert kr.tensor_core_op(sass) == "none"
     with pytest.raises(ValueError, match="no SASS"):
         kr.main_loop("not sass at all")
@@ -121,8 +135,11 @@ def test_ptxas_log_gives_registers_and_spills():
                   "due to non wgmma instructions defining accumulator registers of a wgmma between start and end of "
                   "the pipeline stage in the function '_fwd_kernel' in line 1432\n" + log)
     assert kr.parse_ptxas_log(serialized)["wgmma_serialized"] == (
-        "due to non wgmma instructions defining accumulator registers of a wgmma between start and end of the "
+        "C7515: due to non wgmma instructions defining accumulator registers of a wgmma between start and end of the "
         "pipeline stage")
+    other = ("ptxas info    : (C7510) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
+             "the presence of Extern calls in the function '_fwd_kernel'\n" + log)
+    assert kr.parse_ptxas_log(other)["wgmma_serialized"] == "C7510: due to the presence of Extern calls"
     with pytest.raises(ValueError, match="registers and spills"):
         kr.parse_ptxas_log("ptxas fatal   : Unresolved extern function")
 
@@ -134,7 +151,10 @@ def test_blocks_per_sm_is_the_tightest_of_registers_shared_memory_and_warps():
     # 90 registers on 4 warps: 5 blocks by registers (96 per thread, 12288 per block); shared memory allows 3.
     assert kr.blocks_per_sm("sm_90a", 90, 73728, 4) == 3
     assert kr.blocks_per_sm("sm_80", 90, 73728, 4) == 2  # 164 KB per SM
-    assert kr.blocks_per_sm("sm_86", 64, 99 * 1024, 4) == 1  # 99 KB + the 1 KB reserved fill 100 KB
+    assert kr.blocks_per_sm("sm_86", 64, 99 * 1024, 4) == 1
+    assert kr.blocks_per_sm("sm_86", 32, 50 * 1024, 4) == 1  # 50 KB + the 1 KB reserved, twice, pass 100 KB
+    assert kr.blocks_per_sm("sm_90a", 100, 0, 4) == 4  # 100 registers take 104 (units of 256 per warp): 4, not 5
+    assert kr.blocks_per_sm("sm_90a", 200, 0, 1) == 8  # 2 warps of 6400 registers in each quarter's 16384, not 10
     assert kr.blocks_per_sm("sm_90a", 32, 0, 1) == 32  # the block limit
     assert kr.blocks_per_sm("sm_86", 32, 0, 4) == 12  # the warp limit: 48 warps
 
@@ -179,6 +199,7 @@ def test_report_compiles_the_d64_fp16_attention_forwards_for_sm90a(tmp_path):
         assert row["wgmma_serialized"] is None, row  # ptxas keeps the wgmma pipeline (no C7515)
         assert row["blocks_per_sm"] == kr.blocks_per_sm("sm_90a", row["regs"], row["smem_bytes"], row["num_warps"])
         assert row["blocks_per_sm"] >= 1
+        assert row["loop_wgmma"] > 0 and row["loop_mma_sync"] == 0  # the forward's MMAs all run on wgmma
         assert row["loop_instructions_per_score"] == round(
             row["loop_instructions"] * 32 * row["num_warps"] / (row["block_m"] * row["block_n"]), 1)
         assert row["loop"].startswith("innermost") and row["loop_instructions"] > 0
@@ -190,7 +211,7 @@ def test_report_compiles_the_d64_fp16_attention_forwards_for_sm90a(tmp_path):
     assert plain["loop_instructions"] < dropout["loop_instructions"]
     assert "attention_fwd" in result.stdout and "wgmma" in result.stdout
     assert "7 compiled, 0 from the cache" in result.stdout
-    assert "wgmma serialized by ptxas (C7515) in 0 rows" in result.stdout
+    assert "wgmma serialized by ptxas in 0 rows" in result.stdout
 
     # Run again: every figure comes from <out>/cache, the same; a cache file cut short is compiled again.
     (min((tmp_path / "cache").glob("*.json"))).write_text('{"regs": 1')

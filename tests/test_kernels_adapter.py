@@ -55,6 +55,23 @@ def test_matches_torch_backend(D, dtype, device):
     triton_vs_torch(film_linear(index), make(4, 9, D, 3, device), dtype, NAMES, multilinear=True)
 
 
+def test_computed_accumulator_zeros_give_the_same_bits(device, monkeypatch):
+    """On sm_90 the GEMM's accumulator starts from computed zeros (WGMMA: accumulator_zeros), elsewhere from
+    tl.zeros: the same output, bit for bit."""
+    import camtl.kernels.adapter as adapter_kernels
+
+    x, g, b, w, bias = make(3, 7, 40, 2, device)
+    index = torch.tensor([1, 0, 1], device=device)
+    from_tl_zeros = adapter_kernels.film_linear_forward(x, g, b, index, w, bias)
+    config = adapter_kernels._config
+    monkeypatch.setattr(adapter_kernels, "_config", lambda *args: dict(config(*args), WGMMA=True))
+    computed = adapter_kernels.film_linear_forward(x, g, b, index, w, bias)
+    assert torch.isfinite(from_tl_zeros).all() and torch.equal(from_tl_zeros, computed)
+    assert "WGMMA" not in config(torch.float32)  # the interpreter's tiles: the kernel's default, False
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert config(torch.bfloat16, (9, 0))["WGMMA"] and not config(torch.bfloat16, (8, 0))["WGMMA"]
+
+
 def test_without_bias_and_without_index(device):
     triton_vs_torch(film_linear(None), make(3, 5, 48, 3, device, bias=False), torch.float32, NAMES,
                     multilinear=True)

@@ -293,6 +293,34 @@ def test_dropout_same_seed_same_output(device):
     assert not torch.equal(out, run("triton", [q, k, v, table], index, dropout_p=0.25))
 
 
+def test_computed_accumulator_zeros_give_the_same_bits(device, monkeypatch):
+    """On sm_90 the accumulators start from computed zeros (WGMMA: accumulator_zeros), elsewhere from tl.zeros: the
+    same output and gradients, bit for bit (key padding, dropout, a partial tile)."""
+    B, L = 2, 23
+    tensors, index = make(B, 2, L, 16, 2, L, 8, torch.float32, device)
+    keep = torch.arange(L, device=device)[None, :] < torch.tensor([L, 14], device=device)[:, None]
+    grad = torch.randn(B, 2, L, 16, device=device)
+
+    def outputs():
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        torch.manual_seed(5)
+        out = run("triton", leaves, index, keep, dropout_p=0.2)
+        return [out.detach()] + list(torch.autograd.grad(out, leaves, grad))
+
+    from_tl_zeros = outputs()
+    configs_for = attention_kernels._configs_for
+
+    def with_wgmma(*args, **kwargs):
+        configs = configs_for(*args, **kwargs)
+        assert not any(cfg["WGMMA"] for cfg in configs.values())  # the interpreter's own choice
+        return {name: dict(cfg, WGMMA=True) for name, cfg in configs.items()}
+
+    monkeypatch.setattr(attention_kernels, "_configs_for", with_wgmma)
+    computed = outputs()
+    for name, a, b in zip(("output", "q", "k", "v", "table"), from_tl_zeros, computed):
+        assert torch.isfinite(a).all() and torch.equal(a, b), name
+
+
 # ---- registration ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -435,6 +463,7 @@ def test_gpu_tiles_fit_the_head_dim_and_the_dropout_words(capability, d, monkeyp
         assert cfg["BLOCK_N"] % word == 0 and cfg["BLOCK_M"] >= 16 and cfg["num_warps"] in (4, 8), (name, cfg)
     if capability[0] == 9:
         assert configs["fwd"]["BLOCK_M"] == configs["dq"]["BLOCK_M"] == configs["dkdv"]["BLOCK_N"] == 64
+    assert all(cfg["WGMMA"] == (capability[0] == 9) for cfg in configs.values())  # see accumulator_zeros
     # GPUs with 99 KB of shared memory per block (sm_86, sm_89, sm_120) pipeline d > 64 in fewer stages: 3 stages of
     # [64, 128] tiles need 120-140 KB (sm_86 compiles, checked with the kernel report's compiler)
     family = attention_kernels._tile_family(capability)
