@@ -291,7 +291,8 @@ for job, figures in zip(jobs, kr.compile_batch(jobs)):
 
 def test_attention_kernels_keep_their_wgmma_pipelined_on_sm90a(tmp_path):
     """ptxas serialized every wgmma of these three kernels (C7515) while their accumulators started from tl.zeros:
-    the forward with dropout, dQ, and dK/dV at an odd length (bf16, d64). See _accumulator_zeros."""
+    the forward with dropout, dQ, and dK/dV at an odd length (bf16, d64). See kernels/_common.py,
+    accumulator_zeros."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", _WGMMA_PIPELINE_CHECK, str(SCRIPT), str(tmp_path)], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=300)
