@@ -41,6 +41,11 @@ def accumulator_zeros(FIRST: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexp
         return tl.zeros([ROWS, COLS], tl.float32)
 
 
+def has_wgmma(capability: Optional[Tuple[int, int]]) -> bool:
+    """Whether a GPU of this (major, minor) capability runs tl.dot on wgmma (sm_90); None: the interpreter."""
+    return capability is not None and capability[0] == 9
+
+
 def dot_flags(dtype: torch.dtype):
     """(UPCAST, PRECISION) for ``tl.dot`` on operands of ``dtype``.
 

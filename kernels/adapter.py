@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import accumulator_zeros, dot_flags, gpu_capability, interpreting, require_tf32
+from ._common import accumulator_zeros, dot_flags, gpu_capability, has_wgmma, interpreting, require_tf32
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def _fwd_kernel(X, GAMMA, BETA, INDEX, W, BIAS, Y, M, N, D, L,
     task = tl.load(INDEX + rows // L, mask=row_ok, other=0).to(tl.int64)
     table_rows = task[:, None] * D
     w_cols = W + cols.to(tl.int64)[None, :] * D
-    acc = accumulator_zeros(0, BLOCK_M, BLOCK_N, D * 0.0, WGMMA)  # tl.zeros: ptxas serialized the wgmma at D 768
+    acc = accumulator_zeros(0, BLOCK_M, BLOCK_N, D * 0.0, WGMMA)  # from tl.zeros, the wgmma was serialized at D 768
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < D
@@ -77,7 +77,7 @@ def _config(dtype: torch.dtype, capability=None):
     else:
         block_k = 32 if dtype == torch.float32 else 64
         blocks = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, num_warps=4, num_stages=3,
-                      WGMMA=capability is not None and capability[0] == 9)
+                      WGMMA=has_wgmma(capability))
     return dict(UPCAST=upcast, PRECISION=precision, **blocks)
 
 

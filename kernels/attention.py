@@ -73,7 +73,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import accumulator_zeros, dot_flags, gpu_capability, interpreting, require_tf32, target_programs
+from ._common import (accumulator_zeros, dot_flags, gpu_capability, has_wgmma, interpreting, require_tf32,
+                      target_programs)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # scores run in base 2: exp(x) = exp2(x·log2(e))
 LN2 = tl.constexpr(0.6931471805599453)  # and back: LSE = ln 2 · log2-sum-exp2
@@ -719,7 +720,7 @@ def _configs_for(d: int, dtype: torch.dtype, capability=None):
         wgmma = False
     else:
         tiles = _TILES[_tile_family(capability)][max(64, block_d)]
-        wgmma = _tile_family(capability) == "sm_90"  # the accumulators' zeros (accumulator_zeros)
+        wgmma = has_wgmma(capability)  # the accumulators' zeros (accumulator_zeros)
     configs = {}
     for name, (m, n, w, stages, *maxnreg) in tiles.items():
         configs[name] = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=block_d, UPCAST=upcast, PRECISION=precision, num_warps=w,

@@ -15,8 +15,8 @@ calculator counts them: registers, shared memory, warps), the tensor
 core instruction (HGMMA = wgmma, HMMA = mma.sync), whether ptxas serialized
 the kernel's wgmma (wgmma_serialized: the code and reason of the log's
 "Potential Performance Loss" line, e.g. C7515, or null; each wgmma then
-waits for the one before, so no MMA overlaps another or the softmax), the size of the main
-loop in SASS, per thread and per score (loop_instructions_per_score, the
+waits for the one before, so no MMA overlaps another or the softmax), the
+size of the main loop in SASS, per thread and per score (loop_instructions_per_score, the
 attention kernels: the loop's instructions times the block's threads over the
 tile's BLOCK_M x BLOCK_N scores, which compares tiles with different warp
 counts; per thread, more warps always look cheaper, even when they repeat
@@ -150,10 +150,14 @@ def _count(instructions: List[tuple], start: int, end: int) -> int:
     return sum(1 for addr, text in instructions if start <= addr <= end and not text.startswith("NOP"))
 
 
+def _opcode(text: str) -> str:
+    """An instruction's opcode without its modifiers or predicate: "@P0 HGMMA.64x64x16.F32 ..." -> "HGMMA"."""
+    return text.split()[1 if text.startswith("@") else 0].split(".")[0]
+
+
 def _mma_counts(instructions: List[tuple], start: int, end: int) -> Dict[str, int]:
     """The tensor-core instructions in [start, end]: {"wgmma": HGMMA count, "mma.sync": HMMA count}."""
-    opcodes = [text.split()[1 if text.startswith("@") else 0].split(".")[0] for addr, text in instructions
-               if start <= addr <= end]  # past a predicate (@P0, @!PT)
+    opcodes = [_opcode(text) for addr, text in instructions if start <= addr <= end]
     return {"wgmma": opcodes.count("HGMMA"), "mma.sync": opcodes.count("HMMA")}
 
 
@@ -188,7 +192,7 @@ def tensor_core_op(sass: str) -> str:
 
 
 def _tensor_core_op(instructions: List[tuple]) -> str:
-    ops = {text.split()[0].split(".")[0] for _, text in instructions}
+    ops = {_opcode(text) for _, text in instructions}
     return "wgmma" if "HGMMA" in ops else "mma.sync" if "HMMA" in ops else "none"
 
 
@@ -579,8 +583,7 @@ def format_table(rows: List[dict]) -> str:
                ("w/s", None), ("drop", "dropout"), ("kpad", "key_padding"), ("yard", "yardstick"), ("regs", "regs"),
                ("spill", "spill_bytes"), ("smem", "smem_bytes"), ("blk/SM", "blocks_per_sm"), ("tc", "tensor_core_op"),
                ("serial", None), ("loop", "loop_instructions"), ("/score", "loop_instructions_per_score"),
-               ("mma g/s", None),
-               ("inner loops", None), ("variant", "variant")]
+               ("mma g/s", None), ("inner loops", None), ("variant", "variant")]
 
     def cell(row, title, key):
         if title == "d/D":

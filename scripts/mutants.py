@@ -194,7 +194,7 @@ MUTANTS = [
            "wgmma accumulators: the computed zeros are not zeros",
            "tests/test_kernels_attention.py -k computed_accumulator_zeros"),
     Mutant("A34", ATTN_KERNEL,
-           "wgmma = _tile_family(capability) == \"sm_90\"",
+           "wgmma = has_wgmma(capability)",
            "wgmma = False",
            "sm_90 launches start their accumulators from tl.zeros (ptxas serializes the wgmma again)",
            T_KERNEL_REPORT_PIPELINE),
