@@ -106,7 +106,6 @@ SCORE_TILE_KERNELS = ("attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv",
 _SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", re.IGNORECASE)
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")  # nvdisasm: a branch target's label, on the line before it
 _LABEL_REF = re.compile(r"`\((\.L_x_\d+)\)")
-_BRANCH = re.compile(r"^(?:@!?U?P[T0-9]+\s+)?BRA(?:\.[A-Z.]+)?\s.*?(0x[0-9a-f]+)\s*$", re.IGNORECASE)
 # Instructions whose last operand is a code address (a branch, a call, a convergence barrier's target).
 _CODE_TARGET = re.compile(
     r"^(?:@!?U?P[T0-9]+\s+)?(?:BRA|BSSY|CALL|JMP|SSY|PBK|PCNT)(?:\.[A-Z.]+)?\s.*?(0x[0-9a-f]+)\s*$", re.IGNORECASE)
@@ -140,8 +139,8 @@ def find_loops(instructions: List[tuple]) -> List[tuple]:
     """(start, end) address spans of the loops: a BRA to a strictly lower address, and its target."""
     loops = []
     for addr, text in instructions:
-        m = _BRANCH.match(text)
-        if m and int(m.group(1), 16) < addr:
+        m = _CODE_TARGET.match(text)
+        if m and _opcode(text) == "BRA" and int(m.group(1), 16) < addr:
             loops.append((int(m.group(1), 16), addr))
     return loops
 
@@ -346,8 +345,8 @@ def collect_configs(archs=DEFAULT_ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, hid
 
     def padded(dtype, dt, d, L, variants, variant, only_arch=None):
         """The padded attention's launches for a batch of length L, each (dropout, key padding, yardstick)."""
-        H = max(1, 768 // d)
         q, k, v, table, index, bias = attention_inputs(dt, d, L)
+        H = q.shape[1]
         lse = torch.empty((BATCH, H, L), dtype=torch.float32, device=meta)
         for dropout, key_padding, yardstick in variants:
             keep = torch.empty((BATCH, L), dtype=torch.bool, device=meta) if key_padding else None
@@ -723,8 +722,7 @@ _KERNEL_ORDER = ("attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv", "att
 
 def _row_order(row: dict):
     """Attention first, by arch, dtype and head dim, the passes side by side (padded, the odd length, yardstick,
-    then varlen);
-    then the norm/FiLM/adapter kernels."""
+    then varlen); then the norm/FiLM/adapter kernels."""
     family = 0 if row["kernel"].startswith("attention") else 1
     kernel = _KERNEL_ORDER.index(row["kernel"]) if row["kernel"] in _KERNEL_ORDER else len(_KERNEL_ORDER)
     size = row["head_dim"] if family == 0 else row["hidden_size"]
