@@ -26,6 +26,16 @@ def _load_report_module():
 kr = _load_report_module()
 
 
+def _python(*args, timeout=400):
+    """Runs `python *args` in the repository without TRITON_INTERPRET (the kernels must compile, not interpret);
+    checks that it exited 0 and returns the finished process."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def _sass(instructions):
     """cuobjdump -sass style lines for [(address, text)], with the encoding comments cuobjdump prints."""
     lines = ["\tcode for sm_90a", "\t\tFunction : k", '\t.headerflags\t@"EF_CUDA_SM90"']
@@ -176,12 +186,9 @@ def test_a_row_counts_loop_instructions_per_score_for_the_attention_tiles_only()
 def test_report_compiles_the_d64_fp16_attention_forwards_for_sm90a(tmp_path):
     """The real path, CPU only: the dispatcher's launches (padded and packed) recorded, compiled for sm_90a, read back
     from the JSON."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--arch", "sm_90a", "--dtype", "fp16", "--head-dim",
-         "64", "--hidden", "768", "--kernel", "attention_fwd", "attention_fwd_varlen", "--no-progress"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stderr[-3000:]
+    args = [str(SCRIPT), "--out", str(tmp_path), "--arch", "sm_90a", "--dtype", "fp16", "--head-dim", "64", "--hidden",
+            "768", "--kernel", "attention_fwd", "attention_fwd_varlen", "--no-progress"]
+    result = _python(*args)
     report = json.loads((tmp_path / "kernel-report.json").read_text())
     rows = [r for r in report["rows"] if r["kernel"] == "attention_fwd"]
     varlen = [r for r in report["rows"] if r["kernel"] == "attention_fwd_varlen"]
@@ -215,11 +222,7 @@ def test_report_compiles_the_d64_fp16_attention_forwards_for_sm90a(tmp_path):
 
     # Run again: every figure comes from <out>/cache, the same; a cache file cut short is compiled again.
     (min((tmp_path / "cache").glob("*.json"))).write_text('{"regs": 1')
-    again = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--arch", "sm_90a", "--dtype", "fp16", "--head-dim",
-         "64", "--hidden", "768", "--kernel", "attention_fwd", "attention_fwd_varlen", "--no-progress"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert again.returncode == 0, again.stderr[-3000:]
+    again = _python(*args)
     assert "1 compiled, 6 from the cache" in again.stdout
     timing = {"compile_s", "compile_cpu_s"}
     cached = json.loads((tmp_path / "kernel-report.json").read_text())["rows"]
@@ -263,10 +266,7 @@ def test_batched_raw_disassembly_lists_each_kernel_as_its_own_cubin_does(tmp_pat
     """disassemble() reads several kernels' code laid end to end in one nvdisasm call: each kernel's listing,
     addresses and code targets (branches, BSSY) taken back to its own start, equals nvdisasm's of its cubin. (In a
     subprocess: the kernels must be imported without TRITON_INTERPRET.)"""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _BATCHED_DISASSEMBLY_CHECK, str(SCRIPT), str(tmp_path)], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _python("-c", _BATCHED_DISASSEMBLY_CHECK, str(SCRIPT), str(tmp_path), timeout=300)
     assert "batched disassembly ok" in result.stdout
 
 
@@ -293,10 +293,7 @@ def test_attention_kernels_keep_their_wgmma_pipelined_on_sm90a(tmp_path):
     """ptxas serialized every wgmma of these three kernels (C7515) while their accumulators started from tl.zeros:
     the forward with dropout, dQ, and dK/dV at an odd length (bf16, d64). See kernels/_common.py,
     accumulator_zeros."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _WGMMA_PIPELINE_CHECK, str(SCRIPT), str(tmp_path)], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _python("-c", _WGMMA_PIPELINE_CHECK, str(SCRIPT), str(tmp_path), timeout=300)
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 3 and all(" wgmma pipelined" in line for line in lines), result.stdout
 
@@ -377,12 +374,8 @@ def test_sm86_tiles_fit_its_99_kb_of_shared_memory(tmp_path):
     """On sm_86 (A10, RTX 30xx: 99 KB of shared memory per block) the d128 dK/dV kernel, the largest in shared
     memory, compiles within 99 KB with no spills, dropout and key padding on or off (3 stages of sm_80's tiles need
     up to 138 KB: the launch would fail). The report's real path, in a subprocess (no interpreter)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--arch", "sm_86", "--dtype", "bf16", "--head-dim",
-         "128", "--hidden", "768", "--kernel", "attention_bwd_dkdv", "--no-progress", "--jobs", "2"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _python(str(SCRIPT), "--out", str(tmp_path), "--arch", "sm_86", "--dtype", "bf16", "--head-dim", "128",
+                     "--hidden", "768", "--kernel", "attention_bwd_dkdv", "--no-progress", "--jobs", "2")
     rows = json.loads((tmp_path / "kernel-report.json").read_text())["rows"]
     assert len(rows) == 5 and {r["arch"] for r in rows} == {"sm_86"}
     for row in rows:
