@@ -13,10 +13,11 @@ on the tensor cores, as one more MMA per key tile (_key_bias_operand_kernel
 says how); the backward adds it in fp32.
 
 The launches, per forward: ``_dense_bias_kernel`` expands T once into the
-dense per-task bias M·log2(e) [G, L, L'] fp32 (256 KB per task at L = 128;
-rows padded to L' = L rounded up to 16, so bias loads stay 16-byte vectors at
-any L), so that the attention kernels read bias tiles as dense rows, and only
-on the key tiles that meet the diagonal band; with a key mask,
+dense per-task bias M·log2(e) and its transpose [2, G, L, L'] fp32 (256 KB per
+task and plane at L = 128; rows padded to L' = L rounded up to 16, so bias
+loads stay 16-byte vectors at any L), so that the attention kernels read bias
+tiles as dense rows, and only on the key tiles that meet the diagonal band (dK/dV
+on sm_90 reads the transpose: its score tiles are [keys, queries]); with a key mask,
 ``_key_bias_operand_kernel`` turns it into kb and the forward's operand; with
 dropout, ``_dropout_mask_kernel``
 draws Z once as a bit mask [B·H, L, 2·⌈L/64⌉ words] (Philox4x32-10 on the
@@ -240,18 +241,21 @@ def _plus_key_bias(s, kb_t, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _dense_bias_kernel(TABLE, BIAS, stg, stl, stc, L, LS, C, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """BIAS[g, i, j] = log2(e)·T[g, i, j - c·(i // c)] on the diagonal blocks, 0 elsewhere ([G, L, LS] fp32; 0 in
-    the padding columns j >= L too, so that the op's output is deterministic)."""
+def _dense_bias_kernel(TABLE, BIAS, stg, stl, stc, G, L, LS, C, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """BIAS[0, g, i, j] = log2(e)·T[g, i, j - c·(i // c)] on the diagonal blocks, 0 elsewhere, and its transpose
+    BIAS[1, g, j, i] = BIAS[0, g, i, j] for dK/dV's [keys, queries] tiles ([2, G, L, LS] fp32; 0 in the padding
+    columns from L on too, so that the op's output is deterministic). The grid's rows cover LS (L rounded up to 16)
+    in both planes: its tiles are 16 or 64 rows."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     g = tl.program_id(2).to(tl.int64)
     col = offs_n[None, :] - ((offs_m // C) * C)[:, None]
-    in_range = (offs_m[:, None] < L) & (offs_n[None, :] < L)
-    inside = (col >= 0) & (col < C) & in_range
-    t = tl.load(TABLE + g * stg + offs_m[:, None] * stl + col * stc, mask=inside, other=0.0).to(tl.float32)
-    tl.store(BIAS + g * L * LS + offs_m[:, None] * LS + offs_n[None, :], t * LOG2E,
+    inside = (col >= 0) & (col < C) & (offs_m[:, None] < L) & (offs_n[None, :] < L)
+    t = tl.load(TABLE + g * stg + offs_m[:, None] * stl + col * stc, mask=inside, other=0.0).to(tl.float32) * LOG2E
+    tl.store(BIAS + g * L * LS + offs_m[:, None] * LS + offs_n[None, :], t,
              mask=(offs_m[:, None] < L) & (offs_n[None, :] < LS))
+    tl.store(BIAS + (G + g) * L * LS + offs_n[None, :] * LS + offs_m[:, None], t,
+             mask=(offs_n[None, :] < L) & (offs_m[:, None] < LS))
 
 
 @triton.jit
@@ -521,13 +525,46 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, DS_SUM, BIAS, INDEX, KEY_BIAS
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, n0, offs_d, d_ok, L, LS, qk_scale, bias_cols,
-               bias_tile, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p, bias_hi, sql, sqd, sdol, sdod, W,
-               WITH_BIAS: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, TAIL: tl.constexpr,
+def _query_axis(x, KEYS_MAJOR: tl.constexpr):
+    """A per-query vector broadcast over a dK/dV score tile: along its columns keys-major ([keys, queries]), else
+    along its rows ([queries, keys])."""
+    if KEYS_MAJOR:
+        return x[None, :]
+    else:
+        return x[:, None]
+
+
+@triton.jit
+def _key_axis(x, KEYS_MAJOR: tl.constexpr):
+    """A per-key vector broadcast over a dK/dV score tile (see _query_axis)."""
+    if KEYS_MAJOR:
+        return x[:, None]
+    else:
+        return x[None, :]
+
+
+@triton.jit
+def _over_queries(x, y, KEYS_MAJOR: tl.constexpr, PRECISION: tl.constexpr):
+    """Σ_i x[i, j]·y[i, :] for a score tile x and a [queries, d] tile y: the [keys, d] update of dK or dV."""
+    if KEYS_MAJOR:
+        return tl.dot(x, y, input_precision=PRECISION)
+    else:
+        return tl.dot(tl.trans(x), y, input_precision=PRECISION)
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, n0, offs_d, d_ok, L, query_step, qk_scale,
+               bias_cols, bias_tile, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p, bias_hi, sql, sqd, sdol,
+               sdod, W, WITH_BIAS: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, TAIL: tl.constexpr,
                EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, WORD: tl.constexpr):
+               BLOCK_N: tl.constexpr, WORD: tl.constexpr, KEYS_MAJOR: tl.constexpr):
     """One query tile of dK and dV. A full tile (queries m0 .. m0 + BLOCK_M all < L) has no bounds mask; the tail
-    (TAIL) masks its queries past L (lse = +inf there, so p = 0), and its bias past bias_hi (L on the band, else 0)."""
+    (TAIL) masks its queries past L (lse = +inf there, so p = 0), and its bias past bias_hi (L on the band, else 0).
+
+    KEYS_MAJOR: the scores run transposed, Sᵀ = K·Qᵀ [BLOCK_N keys, BLOCK_M queries], so that every MMA of the
+    tile (Sᵀ, dPᵀ = V·dOᵀ, dV += Pᵀ·dO, dK += dSᵀ·Q) has the program's BLOCK_N keys as its rows: all four run
+    on wgmma (64 rows or more), where [queries, keys] tiles put S and dP on mma.sync at BLOCK_M = 32. The bias
+    then comes from the transposed plane Mᵀ (query_step 1), so that its tile loads stay vectors."""
     offs_m = m0 + offs_m_base
     row_ok = offs_m < L
     q = _load_tile(q_base, offs_m, offs_d, sql, sqd, row_ok, d_ok, TAIL, not EVEN_D, UPCAST)
@@ -540,25 +577,34 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, n0, offs_d, d_ok,
         lse2 = tl.load(LSE_ROW + offs_m) * LOG2E
         delta = tl.load(DELTA_ROW + offs_m)
         rows = offs_m
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if KEYS_MAJOR:
+        s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if WITH_BIAS:  # bias_cols: keys past L point at key L - 1 (their dK, dV rows are not stored)
         if TAIL:
-            s += tl.load(bias_cols + rows[:, None] * LS, mask=(offs_m < bias_hi)[:, None], other=0.0)
+            s += tl.load(bias_cols + _query_axis(rows, KEYS_MAJOR) * query_step,
+                         mask=_query_axis(offs_m < bias_hi, KEYS_MAJOR), other=0.0)
         else:
-            s += tl.load(bias_tile + m0 * LS)
+            s += tl.load(bias_tile + m0 * query_step)
     if HAS_KEY_BIAS:
-        s += key_bias[None, :]
-    p = tl.exp2(s - lse2[:, None])
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        s += _key_axis(key_bias, KEYS_MAJOR)
+    p = tl.exp2(s - _query_axis(lse2, KEYS_MAJOR))
+    if KEYS_MAJOR:
+        dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    else:
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     if DROPOUT:  # dV and dK are scaled by 1 / (1 - p) once, after the loop (delta is Δ·(1 - p))
         keep = _keep_bits(mask_base + rows[:, None] * W, n0, BLOCK_M, BLOCK_N, WORD) != 0
+        if KEYS_MAJOR:
+            keep = tl.trans(keep)
         p_kept = tl.where(keep, p, 0.0)  # used in fp32 below too, so the select stays fp32 (no bf16 halves)
-        dv += tl.dot(tl.trans(p_kept.to(do.dtype)), do, input_precision=PRECISION)
-        ds = p_kept * dp - p * (delta * (1.0 - dropout_p))[:, None]
+        dv += _over_queries(p_kept.to(do.dtype), do, KEYS_MAJOR, PRECISION)
+        ds = p_kept * dp - p * _query_axis(delta * (1.0 - dropout_p), KEYS_MAJOR)
     else:
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        dv += _over_queries(p.to(do.dtype), do, KEYS_MAJOR, PRECISION)
+        ds = p * (dp - _query_axis(delta, KEYS_MAJOR))
+    dk += _over_queries(ds.to(q.dtype), q, KEYS_MAJOR, PRECISION)
     return dk, dv
 
 
@@ -570,9 +616,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, INDEX, KEY_BIAS, MAS
                      HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
                      EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WORD: tl.constexpr,
-                     HAS_BLOCK_BIAS: tl.constexpr = True, VARLEN: tl.constexpr = False, WGMMA: tl.constexpr = False):
+                     HAS_BLOCK_BIAS: tl.constexpr = True, VARLEN: tl.constexpr = False, WGMMA: tl.constexpr = False,
+                     KEYS_MAJOR: tl.constexpr = False):
     """dK and dV for a key tile (EVEN_N: L a multiple of BLOCK_N), looping over every query tile (EVEN_M: of
-    BLOCK_M), non-causal."""
+    BLOCK_M), non-causal; the scores as [keys, queries] tiles if KEYS_MAJOR (see _dkdv_tile)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -591,8 +638,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, INDEX, KEY_BIAS, MAS
                    not EVEN_D, UPCAST)
     v = _load_tile(_slab(V, b, h, first, svb, svh, svl, VARLEN), offs_n, offs_d, svl, svd, n_ok, d_ok, not EVEN_N,
                    not EVEN_D, UPCAST)
-    bias_cols = BIAS + tl.load(INDEX + b).to(tl.int64) * LB * LS + _rows_in(offs_n, L, EVEN_N)[None, :]
-    bias_tile = bias_cols + offs_m_base[:, None] * LS  # the full tiles' at query 0, advanced by m0·LS
+    if KEYS_MAJOR:  # BIAS is the transposed plane Mᵀ: a key's row holds its queries, so tile loads stay vectors
+        key_step, query_step = LS, 1
+    else:
+        key_step, query_step = 1, LS
+    keys = _key_axis(_rows_in(offs_n, L, EVEN_N), KEYS_MAJOR) * key_step
+    bias_cols = BIAS + tl.load(INDEX + b).to(tl.int64) * LB * LS + keys
+    bias_tile = bias_cols + _query_axis(offs_m_base, KEYS_MAJOR) * query_step  # full tiles: + m0·query_step
     key_bias = tl.zeros([BLOCK_N], tl.float32)
     if HAS_KEY_BIAS:
         key_bias = tl.load(KEY_BIAS + b.to(tl.int64) * skbb + offs_n, mask=n_ok, other=0.0) * LOG2E
@@ -610,24 +662,24 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, INDEX, KEY_BIAS, MAS
     if not EVEN_M:
         if L_full < L:  # the tail meets the band iff it starts before band_hi
             bias_hi = L * (L_full < band_hi).to(tl.int32)
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, L_full, offs_m_base, n0, offs_d, d_ok, L, LS,
-                                qk_scale, bias_cols, bias_tile, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p,
-                                bias_hi, sql, sqd, sdol, sdod, W, HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT, True,
-                                EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, L_full, offs_m_base, n0, offs_d, d_ok, L,
+                                query_step, qk_scale, bias_cols, bias_tile, key_bias, LSE_ROW, DELTA_ROW, mask_base,
+                                dropout_p, bias_hi, sql, sqd, sdol, sdod, W, HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT,
+                                True, EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD, KEYS_MAJOR)
     # The full query tiles off the band (before it, then after it) in one loop, then the band's, with their bias.
     before, band_end, skip, off_end = _off_band(band_first, band_hi, after, L_full, EVEN_M)
     for i in range(0, off_end, BLOCK_M):
         m0 = i + skip * (i >= before).to(tl.int32)
-        dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, n0, offs_d, d_ok, L, LS, qk_scale,
-                            bias_cols, bias_tile, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p, L, sql, sqd,
-                            sdol, sdod, W, False, HAS_KEY_BIAS, DROPOUT, False, EVEN_D, UPCAST, PRECISION, BLOCK_M,
-                            BLOCK_N, WORD)
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, n0, offs_d, d_ok, L, query_step,
+                            qk_scale, bias_cols, bias_tile, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p, L,
+                            sql, sqd, sdol, sdod, W, False, HAS_KEY_BIAS, DROPOUT, False, EVEN_D, UPCAST, PRECISION,
+                            BLOCK_M, BLOCK_N, WORD, KEYS_MAJOR)
     if HAS_BLOCK_BIAS:
         for m0 in range(band_first, band_end, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, n0, offs_d, d_ok, L, LS, qk_scale,
-                                bias_cols, bias_tile, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p, L, sql,
-                                sqd, sdol, sdod, W, True, HAS_KEY_BIAS, DROPOUT, False, EVEN_D, UPCAST, PRECISION,
-                                BLOCK_M, BLOCK_N, WORD)
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, n0, offs_d, d_ok, L, query_step,
+                                qk_scale, bias_cols, bias_tile, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p,
+                                L, sql, sqd, sdol, sdod, W, True, HAS_KEY_BIAS, DROPOUT, False, EVEN_D, UPCAST,
+                                PRECISION, BLOCK_M, BLOCK_N, WORD, KEYS_MAJOR)
     dv = dv * dropout_scale  # 1 without dropout
     # DK and DV are contiguous and alike: one set of strides (sg*) serves both.
     grad_offs = offs_n[:, None] * sgl + offs_d[None, :] * sgd
@@ -674,8 +726,10 @@ def _bwd_dtable_kernel(DS_SUM, INDEX, DTABLE, CU_SEQLENS, B, GROUPS, L, LB, LS, 
 # tile in dQ, the query tile in dK/dV): wgmma needs the program's own tile to be 64 rows.
 _TILES = {
     "sm_90": {  # H100, H200: 227 KB of shared memory per block
-        64: dict(fwd=(64, 64, 4, 3), dq=(64, 64, 8, 3), dkdv=(32, 64, 8, 3)),
-        128: dict(fwd=(64, 64, 8, 3), dq=(64, 32, 8, 3), dkdv=(32, 64, 8, 3)),
+        # dkdv up to d 128: [keys, queries] tiles (KEYS_MAJOR), one warpgroup on 64 keys; 2 stages at d 128, where 3
+        # spill 4 B with dropout and key padding. d 256: [queries, keys], whose accumulators fit 8 warps.
+        64: dict(fwd=(64, 64, 4, 3), dq=(64, 64, 8, 3), dkdv=(32, 64, 4, 3)),
+        128: dict(fwd=(64, 64, 8, 3), dq=(64, 32, 8, 3), dkdv=(32, 64, 4, 2)),
         256: dict(fwd=(64, 32, 8, 3), dq=(64, 32, 8, 3), dkdv=(16, 64, 8, 3)),
     },
     "sm_80": {  # A100 (163 KB), and GPUs this table does not name
@@ -715,7 +769,8 @@ def _configs_for(d: int, dtype: torch.dtype, capability=None):
     """
     block_d = max(16, triton.next_power_of_2(d))
     upcast, precision = dot_flags(dtype)
-    if capability is None or interpreting():
+    interpreted = capability is None or interpreting()
+    if interpreted:
         tiles = {name: (16, 16, 4, 1) for name in PASSES}
         wgmma = False
     else:
@@ -725,6 +780,8 @@ def _configs_for(d: int, dtype: torch.dtype, capability=None):
     for name, (m, n, w, stages, *maxnreg) in tiles.items():
         configs[name] = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=block_d, UPCAST=upcast, PRECISION=precision, num_warps=w,
                              num_stages=stages, WGMMA=wgmma)
+        if name == "dkdv":  # [keys, queries] score tiles on wgmma up to d 128, and under the interpreter (_dkdv_tile)
+            configs[name]["KEYS_MAJOR"] = interpreted or (wgmma and block_d <= 128)
         if maxnreg:  # a register budget for ptxas, where its own choice would spill
             configs[name]["maxnreg"] = maxnreg[0]
     return configs
@@ -763,15 +820,20 @@ def row_stride(L: int) -> int:
     return triton.cdiv(L, 16) * 16
 
 
+def dense_bias_shape(G: int, L: int) -> tuple:
+    """The dense bias's shape: [2, G, L, row_stride(L)], the planes M·log2(e) and its transpose (dense_bias)."""
+    return (2, G, L, row_stride(L))
+
+
 def dense_bias(table: torch.Tensor, L: int) -> torch.Tensor:
-    """log2(e)·M for every task: [G, L, row_stride(L)] fp32 (columns from L on unused), the diagonal blocks of the
-    table's top-left L×L corner."""
+    """log2(e)·M for every task, and its transpose: [2, G, L, row_stride(L)] fp32 (columns from L on 0), the
+    diagonal blocks of the table's top-left L×L corner; plane 1 serves dK/dV's [keys, queries] tiles (_dkdv_tile)."""
     G, _, C = table.shape
-    bias = torch.empty((G, L, row_stride(L)), dtype=torch.float32, device=table.device)
+    bias = torch.empty(dense_bias_shape(G, L), dtype=torch.float32, device=table.device)
     if bias.numel():
         block = 16 if interpreting() else 64
-        _dense_bias_kernel[(triton.cdiv(L, block), triton.cdiv(bias.shape[2], block), G)](
-            table, bias, *table.stride(), L, bias.shape[2], C, BLOCK_M=block, BLOCK_N=block)
+        _dense_bias_kernel[(triton.cdiv(L, block), triton.cdiv(bias.shape[3], block), G)](
+            table, bias, *table.stride(), G, L, bias.shape[3], C, BLOCK_M=block, BLOCK_N=block)
     return bias
 
 
@@ -854,10 +916,10 @@ def _forward(q, k, v, table, index, key_mask, scale, dropout_p, seed, cu_seqlens
     if out.numel() == 0:
         return out, lse, bias, mask, key_bias
     _fwd_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), B * H)](
-        q, k, v, out, lse, bias, index, kb_operand if has_kb else lse, mask if dropout else lse,
+        q, k, v, out, lse, bias[0], index, kb_operand if has_kb else lse, mask if dropout else lse,
         cu_seqlens if varlen else lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), kb_operand.stride(0) if has_kb else 0,
-        H, L, L, bias.shape[2], table.shape[2], D, _mask_words(L, word), N_TOKENS, scale * LOG2E.value, dropout_p,
+        H, L, L, bias.shape[3], table.shape[2], D, _mask_words(L, word), N_TOKENS, scale * LOG2E.value, dropout_p,
         HAS_KEY_BIAS=has_kb, DROPOUT=dropout, **_even(L, D, cfg, varlen), WORD=word, VARLEN=varlen, **cfg,
     )
     return out, lse, bias, mask, key_bias
@@ -883,35 +945,35 @@ def _backward(dout, q, k, v, out, lse, bias, mask, table, index, key_bias, scale
     hpp = heads_per_program(B, H, L, cfg["dq"]["BLOCK_M"], q.device)
     groups = H // hpp
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)  # written by the dq kernel
-    ds_sum = torch.empty((B, groups, L, bias.shape[2]), dtype=torch.float32, device=q.device)  # band tiles only
+    ds_sum = torch.empty((B, groups, L, bias.shape[3]), dtype=torch.float32, device=q.device)  # band tiles only
     has_kb = key_bias is not None
     dropout = dropout_p > 0.0
     kb = key_bias if has_kb else lse
     bits = mask if dropout else lse
     cu = cu_seqlens if varlen else lse
-    common = (H, L, L, bias.shape[2], C, D, _mask_words(L, word), N_TOKENS, scale * LOG2E.value, dropout_p)
+    common = (H, L, L, bias.shape[3], C, D, _mask_words(L, word), N_TOKENS, scale * LOG2E.value, dropout_p)
     flags = dict(HAS_KEY_BIAS=has_kb, DROPOUT=dropout, WORD=word, VARLEN=varlen)
     kb_stride = key_bias.stride(0) if has_kb else 0
     # The dq kernel runs first: it writes delta, which the dkdv kernel reads (same stream, so ordered).
     _bwd_dq_kernel[(triton.cdiv(L, cfg["dq"]["BLOCK_M"]), B, groups)](
-        q, k, v, dout, out, lse, delta, dq, ds_sum, bias, index, kb, bits, cu,
+        q, k, v, dout, out, lse, delta, dq, ds_sum, bias[0], index, kb, bits, cu,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(out), *_strides(dq), kb_stride,
         *common, HEADS_PER_PROGRAM=hpp, **_even(L, D, cfg["dq"], varlen), **flags, **cfg["dq"])
     _bwd_dkdv_kernel[(triton.cdiv(L, cfg["dkdv"]["BLOCK_N"]), B * H)](
-        q, k, v, dout, lse, delta, dk, dv, bias, index, kb, bits, cu,
+        q, k, v, dout, lse, delta, dk, dv, bias[int(cfg["dkdv"]["KEYS_MAJOR"])], index, kb, bits, cu,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), kb_stride,
         *common, **_even(L, D, cfg["dkdv"], varlen), **flags, **cfg["dkdv"])
     dtable = torch.empty_like(table)
     block_m = 16 if interpreting() else 32
     _bwd_dtable_kernel[(triton.cdiv(L_max, block_m), G)](
-        ds_sum, index, dtable, cu, B, groups, L, L, bias.shape[2], C, L_max, *dtable.stride(), dropout_p,
+        ds_sum, index, dtable, cu, B, groups, L, L, bias.shape[3], C, L_max, *dtable.stride(), dropout_p,
         BLOCK_M=block_m, BLOCK_C=triton.next_power_of_2(C), VARLEN=varlen)
     return dq, dk, dv, dtable
 
 
 def attention_forward(q, k, v, table, index, key_mask, scale, dropout_p, seed):
     """Launches the forward; key_mask [B, L] bool (True: keep) or numbers (added), or None. Returns (out [B, H, L, d],
-    lse [B, H, L] fp32, the dense bias [G, L, row_stride(L)], the dropout bit mask (dropout_mask_shape), the key
+    lse [B, H, L] fp32, the dense bias dense_bias_shape(G, L), the dropout bit mask (dropout_mask_shape), the key
     bias [B, L] fp32 (key_bias_shape)): the last four are what the backward reads again."""
     return _forward(q, k, v, table, index, key_mask, scale, dropout_p, seed)
 
@@ -924,7 +986,7 @@ def attention_backward(dout, q, k, v, out, lse, bias, mask, table, index, key_bi
 
 def attention_forward_varlen(q, k, v, cu_seqlens, max_seqlen, table, index, scale, dropout_p, seed):
     """Packed: q, k, v [N, H, d], sequences cu_seqlens [S+1] of at most max_seqlen tokens, index [S]. Returns
-    (out [N, H, d], lse [H, N] fp32, the dense bias [G, max_seqlen, row_stride(max_seqlen)], the dropout bit
+    (out [N, H, d], lse [H, N] fp32, the dense bias dense_bias_shape(G, max_seqlen), the dropout bit
     mask)."""
     return _forward(q, k, v, table, index, None, scale, dropout_p, seed, cu_seqlens, max_seqlen)[:4]
 

@@ -340,7 +340,7 @@ def collect_configs(archs=DEFAULT_ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, hid
         q, k, v = (torch.empty((BATCH, H, L, d), dtype=dt, device=meta) for _ in range(3))
         table = torch.empty((3, L, C), dtype=dt, device=meta)
         index = torch.empty((BATCH,), dtype=torch.int64, device=meta)
-        bias = torch.empty((3, L, attention_k.row_stride(L)), dtype=torch.float32, device=meta)
+        bias = torch.empty(attention_k.dense_bias_shape(3, L), dtype=torch.float32, device=meta)
         return q, k, v, table, index, bias
 
     def padded(dtype, dt, d, L, variants, variant, only_arch=None):

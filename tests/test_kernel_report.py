@@ -285,17 +285,19 @@ jobs = [job for job in kr.collect_configs(("sm_90a",), ("bf16",), (64,), (768,),
 assert len(jobs) == 3, [(j["kernel"], j["dropout"], j["variant"]) for j in jobs]
 for job, figures in zip(jobs, kr.compile_batch(jobs)):
     print(job["kernel"], job["variant"] or "L=128", "dropout" if job["dropout"] else "", figures["tensor_core_op"],
-          "serialized" if figures["wgmma_serialized"] else "pipelined", figures["wgmma_serialized"] or "")
+          "serialized" if figures["wgmma_serialized"] else "pipelined", f"loop mma.sync {figures['loop_mma_sync']}",
+          figures["wgmma_serialized"] or "")
 """
 
 
 def test_attention_kernels_keep_their_wgmma_pipelined_on_sm90a(tmp_path):
     """ptxas serialized every wgmma of these three kernels (C7515) while their accumulators started from tl.zeros:
     the forward with dropout, dQ, and dK/dV at an odd length (bf16, d64). See kernels/_common.py,
-    accumulator_zeros."""
+    accumulator_zeros. And every MMA of their loops is a wgmma: dK/dV's [queries, keys] tiles of 32 queries ran S
+    and dP on mma.sync (16 HMMA a loop); its [keys, queries] tiles do not (_dkdv_tile)."""
     result = _python("-c", _WGMMA_PIPELINE_CHECK, str(SCRIPT), str(tmp_path), timeout=300)
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 3 and all(" wgmma pipelined" in line for line in lines), result.stdout
+    assert len(lines) == 3 and all(" wgmma pipelined loop mma.sync 0" in line for line in lines), result.stdout
 
 
 def _load_kernel(tmp_path, name: str, body: str):

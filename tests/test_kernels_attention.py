@@ -89,6 +89,53 @@ def test_mixed_tasks_odd_and_dynamic_lengths(L, L_max, c, dtype, device):
     compare_backends(tensors, index, dtype)
 
 
+def dkdv_on_query_rows(monkeypatch) -> list:
+    """Launch dK/dV on [queries, keys] score tiles, as on sm_80 and at d 256 (KEYS_MAJOR off): the interpreter's own
+    choice is [keys, queries], as on sm_90 up to d 128 (kernels/attention.py, _dkdv_tile). Returns the list of
+    configurations handed out, to check that the launches took them."""
+    configs_for, handed_out = attention_kernels._configs_for, []
+
+    def on_query_rows(*args, **kwargs):
+        configs = configs_for(*args, **kwargs)
+        assert configs["dkdv"]["KEYS_MAJOR"]  # the interpreter's own choice
+        handed_out.append(dict(configs, dkdv=dict(configs["dkdv"], KEYS_MAJOR=False)))
+        return handed_out[-1]
+
+    monkeypatch.setattr(attention_kernels, "_configs_for", on_query_rows)
+    return handed_out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dkdv_on_query_rows_as_on_sm80(dtype, device, monkeypatch):
+    """dK/dV's other layout: key padding, an odd length (partial tiles) and blocks that tiles cut."""
+    handed_out = dkdv_on_query_rows(monkeypatch)
+    B, L = 3, 23
+    tensors, index = make(B, 2, L, 32, 2, L, 8, torch.float32, device)
+    keep = torch.arange(L, device=device)[None, :] < torch.tensor([23, 9, 1], device=device)[:, None]
+    compare_backends(tensors, index, dtype, keep)
+    assert handed_out, "the launches did not ask for their configurations"
+
+
+def test_dense_bias_holds_the_bias_and_its_transpose(device, monkeypatch):
+    """dense_bias: plane 0 is log2(e)·M [G, L, L'], plane 1 its transpose (dK/dV's [keys, queries] tiles read it),
+    0 in the padding columns; every element written (the buffer is poisoned)."""
+    G, L_max, c, L = 3, 26, 7, 21  # L' = 32: 11 padding columns; the last block cut by L
+    table = torch.randn(G, L_max, c, device=device)
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    bias = attention_kernels.dense_bias(table, L)
+    monkeypatch.undo()
+    LS = attention_kernels.row_stride(L)
+    assert bias.shape == attention_kernels.dense_bias_shape(G, L) == (2, G, L, LS)
+    want = torch.zeros(2, G, L, LS, device=device)
+    for i in range(L):
+        for j in range(L):
+            if i // c == j // c:
+                want[0, :, i, j] = want[1, :, j, i] = table[:, i, j - c * (i // c)] * math.log2(math.e)
+    assert_close(bias, want, torch.float32, "dense bias planes")
+    assert torch.equal(bias[1, :, :, :L], bias[0, :, :, :L].transpose(1, 2)), "plane 1 is not plane 0's transpose"
+
+
 @pytest.mark.parametrize("kind", ["bool", "additive"])
 def test_padding(kind, device):
     B, L = 3, 21
@@ -264,8 +311,11 @@ def test_dropout_mask_is_the_documented_philox_one_per_example_and_head(device):
     assert not torch.equal(kept, _dropped_probs(q, k, table, index, p, seed + 1) != 0), "the mask ignores the seed"
 
 
-def test_dropout_backward_matches_a_reference_with_the_documented_mask(device):
-    """Forward and backward against float64 autograd through the mask computed without the kernel."""
+@pytest.mark.parametrize("dkdv", ["keys-major", "queries-major"])
+def test_dropout_backward_matches_a_reference_with_the_documented_mask(dkdv, device, monkeypatch):
+    """Forward and backward against float64 autograd through the mask computed without the kernel; dK/dV in either
+    layout (see dkdv_on_query_rows)."""
+    handed_out = dkdv_on_query_rows(monkeypatch) if dkdv == "queries-major" else None
     B, H, L, d, p, seed = 2, 2, 20, 32, 0.25, 11
     (q, k, v, table), index = make(B, H, L, d, 2, 24, 7, torch.float32, device)
     keep = philox_keep(seed, B, H, L, p).to(device)
@@ -280,6 +330,7 @@ def test_dropout_backward_matches_a_reference_with_the_documented_mask(device):
     exp.backward(grad)
     for name, a, r in zip(("q", "k", "v", "table"), leaves, ref):
         assert_close(a.grad, r.grad, torch.float32, f"grad of {name} with dropout")
+    assert handed_out is None or handed_out
 
 
 def test_dropout_same_seed_same_output(device):
@@ -464,6 +515,9 @@ def test_gpu_tiles_fit_the_head_dim_and_the_dropout_words(capability, d, monkeyp
     if capability[0] == 9:
         assert configs["fwd"]["BLOCK_M"] == configs["dq"]["BLOCK_M"] == configs["dkdv"]["BLOCK_N"] == 64
     assert all(cfg["WGMMA"] == (capability[0] == 9) for cfg in configs.values())  # see accumulator_zeros
+    # dK/dV's [keys, queries] score tiles, all four MMAs on wgmma: sm_90 up to d 128 (d 256's accumulators spill)
+    assert configs["dkdv"]["KEYS_MAJOR"] == (capability[0] == 9 and d <= 128)
+    assert all("KEYS_MAJOR" not in configs[name] for name in ("fwd", "dq"))
     # GPUs with 99 KB of shared memory per block (sm_86, sm_89, sm_120) pipeline d > 64 in fewer stages: 3 stages of
     # [64, 128] tiles need 120-140 KB (sm_86 compiles, checked with the kernel report's compiler)
     family = attention_kernels._tile_family(capability)
@@ -471,5 +525,6 @@ def test_gpu_tiles_fit_the_head_dim_and_the_dropout_words(capability, d, monkeyp
     if family == "99kb" and d > 64:
         assert all(cfg["num_stages"] <= 2 for cfg in configs.values()), configs
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert all(cfg["BLOCK_M"] == cfg["BLOCK_N"] == 16 for cfg in attention_kernels._configs_for(d, torch.float32,
-                                                                                               capability).values())
+    interpreted = attention_kernels._configs_for(d, torch.float32, capability)
+    assert all(cfg["BLOCK_M"] == cfg["BLOCK_N"] == 16 for cfg in interpreted.values())
+    assert interpreted["dkdv"]["KEYS_MAJOR"]  # the interpreter runs sm_90's layout; dkdv_on_query_rows the other

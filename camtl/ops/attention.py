@@ -278,8 +278,8 @@ def _unsupported_by_kernels(q, v, attn_mask) -> Optional[str]:
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
                    key_mask: Optional[torch.Tensor], scale: float, dropout_p: float, seed: torch.Tensor
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out [B, H, L, d], lse [B, H, L] fp32, the dense bias [G, L, L'] fp32 (L' = L rounded up to 16), the
-    dropout bit mask, the key bias [B, L] fp32) of the kernels; the last four are saved for the backward.
+    """(out [B, H, L, d], lse [B, H, L] fp32, the dense bias and its transpose [2, G, L, L'] fp32 (L' = L rounded
+    up to 16), the dropout bit mask, the key bias [B, L] fp32) of the kernels; the last four are saved for the backward.
     key_mask [B, L]: bool (True: keep) or float (added to the scores)."""
     from camtl.kernels.attention import attention_forward
 
@@ -288,11 +288,11 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: tor
 
 @_attention_fwd.register_fake
 def _(q, k, v, table, index, key_mask, scale, dropout_p, seed):
-    from camtl.kernels.attention import dropout_mask_shape, key_bias_shape, row_stride
+    from camtl.kernels.attention import dense_bias_shape, dropout_mask_shape, key_bias_shape
 
     B, H, L, d = q.shape
     return (q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32),
-            q.new_empty((table.shape[0], L, row_stride(L)), dtype=torch.float32),
+            q.new_empty(dense_bias_shape(table.shape[0], L), dtype=torch.float32),
             q.new_empty(dropout_mask_shape(B * H, L, d, q.dtype, dropout_p), dtype=torch.int32),
             q.new_empty(key_bias_shape(B, L, key_mask is not None), dtype=torch.float32))
 
@@ -341,8 +341,8 @@ _attention_fwd.register_autograd(_attention_backward, setup_context=_attention_s
 def _attention_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                           max_seqlen: int, table: torch.Tensor, index: torch.Tensor, scale: float, dropout_p: float,
                           seed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Packed: (out [N, H, d], lse [H, N] fp32, the dense bias [G, max_seqlen, L'] fp32 (L' = max_seqlen rounded
-    up to 16), the dropout bit mask) for q, k, v [N, H, d] and sequences cu_seqlens [S+1]; the last three are saved
+    """Packed: (out [N, H, d], lse [H, N] fp32, the dense bias and its transpose [2, G, max_seqlen, L'] fp32 (L' =
+    max_seqlen rounded up to 16), the dropout bit mask) for q, k, v [N, H, d] and sequences cu_seqlens [S+1]; the last three are saved
     for the backward."""
     from camtl.kernels.attention import attention_forward_varlen
 
@@ -352,12 +352,12 @@ def _attention_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
 
 @_attention_varlen_fwd.register_fake
 def _(q, k, v, cu_seqlens, max_seqlen, table, index, scale, dropout_p, seed):
-    from camtl.kernels.attention import dropout_mask_shape, row_stride
+    from camtl.kernels.attention import dense_bias_shape, dropout_mask_shape
 
     N, H, d = q.shape
     S = cu_seqlens.shape[0] - 1
     return (q.new_empty(q.shape), q.new_empty((H, N), dtype=torch.float32),
-            q.new_empty((table.shape[0], max_seqlen, row_stride(max_seqlen)), dtype=torch.float32),
+            q.new_empty(dense_bias_shape(table.shape[0], max_seqlen), dtype=torch.float32),
             q.new_empty(dropout_mask_shape(S * H, max_seqlen, d, q.dtype, dropout_p), dtype=torch.int32))
 
 
