@@ -726,10 +726,11 @@ def _bwd_dtable_kernel(DS_SUM, INDEX, DTABLE, CU_SEQLENS, B, GROUPS, L, LB, LS, 
 # tile in dQ, the query tile in dK/dV): wgmma needs the program's own tile to be 64 rows.
 _TILES = {
     "sm_90": {  # H100, H200: 227 KB of shared memory per block
-        # dkdv up to d 128: [keys, queries] tiles (KEYS_MAJOR), one warpgroup on 64 keys; 2 stages at d 128, where 3
-        # spill 4 B with dropout and key padding. d 256: [queries, keys], whose accumulators fit 8 warps.
+        # dkdv up to d 128: [keys, queries] tiles (KEYS_MAJOR), one warpgroup on 64 keys. At d 128, 16 queries: 32
+        # spill 8-32 B with the bounds masks (packed, odd lengths) on 1 or 2 stages. d 256: [queries, keys] tiles,
+        # whose accumulators fit 8 warps.
         64: dict(fwd=(64, 64, 4, 3), dq=(64, 64, 8, 3), dkdv=(32, 64, 4, 3)),
-        128: dict(fwd=(64, 64, 8, 3), dq=(64, 32, 8, 3), dkdv=(32, 64, 4, 2)),
+        128: dict(fwd=(64, 64, 8, 3), dq=(64, 32, 8, 3), dkdv=(16, 64, 4, 2)),
         256: dict(fwd=(64, 32, 8, 3), dq=(64, 32, 8, 3), dkdv=(16, 64, 8, 3)),
     },
     "sm_80": {  # A100 (163 KB), and GPUs this table does not name
