@@ -366,8 +366,10 @@ def test_each_arch_records_the_tiles_chosen_for_it(monkeypatch):
              for job in jobs if not job["dropout"] and not job["key_padding"] and not job["yardstick"]}
     assert tiles[("attention_bwd_dq", "sm_90a", 64)] == (64, 64, 8)
     assert tiles[("attention_bwd_dq", "sm_80", 64)] == (64, 32, 8)
-    assert tiles[("attention_bwd_dkdv", "sm_90a", 128)] == (32, 64, 8)
+    assert tiles[("attention_bwd_dkdv", "sm_90a", 128)] == (16, 64, 4)
     assert tiles[("attention_bwd_dkdv", "sm_80", 128)] == (64, 64, 8)
+    layouts = {(job["arch"], job["kwargs"]["KEYS_MAJOR"]) for job in jobs if job["kernel"] == "attention_bwd_dkdv"}
+    assert layouts == {("sm_90a", True), ("sm_80", False)}  # dK/dV's [keys, queries] tiles on wgmma only
     assert tiles[("attention_fwd", "sm_90a", 128)] == (64, 64, 8)
     assert tiles[("attention_fwd", "sm_80", 128)] == (64, 64, 4)
 
