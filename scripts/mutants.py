@@ -204,9 +204,16 @@ MUTANTS = [
            "dK/dV on [keys, queries] tiles reads the bias plane M, not its transpose",
            T_ATTN_KERNEL),
     Mutant("A36", ATTN_KERNEL,
-           "tl.store(BIAS + (G + g) * L * LS + offs_n[None, :] * LS + offs_m[:, None], t,",
-           "tl.store(BIAS + (G + g) * L * LS + offs_m[:, None] * LS + offs_n[None, :], t,",
+           "    tl.store(BIAS + (G + g) * L * LS + offs_n[None, :] * LS + offs_m[:, None], t,\n"
+           "             mask=(offs_n[None, :] < L) & (offs_m[:, None] < LS))",
+           "    tl.store(BIAS + (G + g) * L * LS + offs_m[:, None] * LS + offs_n[None, :], t,\n"
+           "             mask=(offs_m[:, None] < L) & (offs_n[None, :] < LS))",
            "dense bias: plane 1 holds M again, not its transpose",
+           T_ATTN_KERNEL + " -k dense_bias"),
+    Mutant("A39", ATTN_KERNEL,
+           "             mask=(offs_n[None, :] < L) & (offs_m[:, None] < LS))",
+           "             mask=(offs_n[None, :] < L) & (offs_m[:, None] < L))",
+           "dense bias: plane 1's padding columns (L to L') left unwritten",
            T_ATTN_KERNEL + " -k dense_bias"),
     Mutant("A37", ATTN_KERNEL,
            "            keep = tl.trans(keep)\n",

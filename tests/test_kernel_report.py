@@ -277,7 +277,7 @@ spec = importlib.util.spec_from_file_location("kernel_report", sys.argv[1])
 kr = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(kr)
 kr._init_worker(sys.argv[2])
-wanted = {("attention_fwd", True, ""), ("attention_bwd_dq", False, ""), ("attention_bwd_dkdv", False, "L=100")}
+wanted = {("attention_fwd", True, ""), ("attention_bwd_dq", False, ""), ("attention_bwd_dkdv", True, "L=100")}
 jobs = [job for job in kr.collect_configs(("sm_90a",), ("bf16",), (64,), (768,),
                                           ["attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv"])
         if (job["kernel"], job["dropout"], job["variant"]) in wanted and not job["key_padding"]
@@ -292,7 +292,7 @@ for job, figures in zip(jobs, kr.compile_batch(jobs)):
 
 def test_attention_kernels_keep_their_wgmma_pipelined_on_sm90a(tmp_path):
     """ptxas serialized every wgmma of these three kernels (C7515) while their accumulators started from tl.zeros:
-    the forward with dropout, dQ, and dK/dV at an odd length (bf16, d64). See kernels/_common.py,
+    the forward with dropout, dQ, and dK/dV at an odd length with dropout (bf16, d64). See kernels/_common.py,
     accumulator_zeros. And every MMA of their loops is a wgmma: dK/dV's [queries, keys] tiles of 32 queries ran S
     and dP on mma.sync (16 HMMA a loop); its [keys, queries] tiles do not (_dkdv_tile)."""
     result = _python("-c", _WGMMA_PIPELINE_CHECK, str(SCRIPT), str(tmp_path), timeout=300)
