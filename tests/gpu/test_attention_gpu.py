@@ -7,7 +7,9 @@ import torch
 
 import camtl
 from camtl import ops
+import camtl.kernels.attention as attention_kernels
 from camtl_test_helpers import assert_close, bert_config
+from test_kernels_attention import _kernel_attention, philox_keep
 
 CUDA = torch.device("cuda")
 SHAPES = [(32, 12, 128, 64, 128), (8, 16, 512, 64, 512)]  # B, H, L, d, L_max
@@ -22,10 +24,12 @@ def inputs(B, H, L, d, L_max, dtype):
     return tensors, index, keep
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("B,H,L,d,L_max", SHAPES, ids=["B32 H12 L128", "B8 H16 L512"])
-def test_matches_torch_backend(B, H, L, d, L_max, dtype):
+def compare_with_torch_backend(B, H, L, d, L_max, dtype):
+    """Triton in dtype against the torch backend in fp32 on the same (rounded) inputs, with key padding: the output
+    and every gradient. (From the unrounded inputs, the rounding alone moves dP by about 2^-8·sqrt(d): at d 256, one
+    table gradient in 40000 then missed bf16's tolerance, under the interpreter.)"""
     tensors, index, keep = inputs(B, H, L, d, L_max, dtype)
+    tensors = [t.to(dtype).float() for t in tensors]
     ref = [t.clone().requires_grad_() for t in tensors]
     act = [t.to(dtype).clone().requires_grad_() for t in tensors]
     with camtl.use_backend("triton"):
@@ -33,11 +37,59 @@ def test_matches_torch_backend(B, H, L, d, L_max, dtype):
     with camtl.use_backend("torch"):
         exp = ops.conditional_attention(*ref, index, keep)
     assert_close(out, exp, dtype, "output")
-    grad = torch.randn_like(exp)
-    out.backward(grad.to(dtype))
-    exp.backward(grad)
+    grad = torch.randn_like(exp).to(dtype)
+    out.backward(grad)
+    exp.backward(grad.float())
     for name, a, r in zip(("q", "k", "v", "table"), act, ref):
         assert_close(a.grad, r.grad, dtype, f"grad of {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,H,L,d,L_max", SHAPES, ids=["B32 H12 L128", "B8 H16 L512"])
+def test_matches_torch_backend(B, H, L, d, L_max, dtype):
+    compare_with_torch_backend(B, H, L, d, L_max, dtype)
+
+
+@pytest.mark.parametrize("d", [32, 128, 256])
+def test_head_dims_with_partial_tiles_match_torch_backend(d):
+    """Each of sm_90's dK/dV tile families (32x64 on [keys, queries] at d 32, 16x64 at d 128, [queries, keys] at
+    d 256) and the forward's and dQ's, at an odd length (L = 100: every pass runs a partial last tile), bf16."""
+    compare_with_torch_backend(4, 4, 100, d, 100, torch.bfloat16)
+
+
+def _flip_dkdv_layout(monkeypatch):
+    """dK/dV on the score layout this GPU does not use by default (kernels/attention.py, _dkdv_tile)."""
+    configs_for = attention_kernels._configs_for
+
+    def flipped(*args, **kwargs):
+        configs = configs_for(*args, **kwargs)
+        return dict(configs, dkdv=dict(configs["dkdv"], KEYS_MAJOR=not configs["dkdv"]["KEYS_MAJOR"]))
+
+    monkeypatch.setattr(attention_kernels, "_configs_for", flipped)
+
+
+@pytest.mark.parametrize("dkdv", ["this GPU's layout", "the other layout"])
+def test_dropout_with_partial_tiles_matches_the_documented_mask(dkdv, monkeypatch):
+    """Dropout (bf16, d 64, L = 100) against float64 autograd through the mask computed without the kernel, with
+    dK/dV on both score layouts: [keys, queries] is sm_90's, [queries, keys] the other GPUs'."""
+    if dkdv == "the other layout":
+        _flip_dkdv_layout(monkeypatch)
+    B, H, L, d, p, seed = 2, 4, 100, 64, 0.1, 1234
+    torch.manual_seed(3)
+    tensors = [torch.randn(B, H, L, d, device=CUDA) for _ in range(3)] + [torch.randn(3, L, 50, device=CUDA)]
+    index = torch.tensor([0, 2], device=CUDA)
+    keep = philox_keep(seed, B, H, L, p).to(CUDA)
+    leaves = [t.bfloat16().requires_grad_() for t in tensors]
+    out = _kernel_attention(leaves, index, p, seed)
+    ref = [t.bfloat16().double().requires_grad_() for t in tensors]  # the kernel's inputs, rounded as it reads them
+    _, probs = ops.conditional_attention(*ref[:3], ref[3], index, return_probs=True)
+    exp = (probs * keep / (1 - p)) @ ref[2]
+    assert_close(out, exp, torch.bfloat16, "output")
+    grad = torch.randn_like(exp).bfloat16()
+    out.backward(grad)
+    exp.backward(grad.double())
+    for name, a, r in zip(("q", "k", "v", "table"), leaves, ref):
+        assert_close(a.grad, r.grad, torch.bfloat16, f"grad of {name} with dropout ({dkdv})")
 
 
 def test_deterministic_backward():
