@@ -407,7 +407,8 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, n0, offs_n_base, offs_d, ro
     n_ok = offs_n < L
     k = _load_tile(k_base, offs_n, offs_d, skl, skd, n_ok, d_ok, TAIL, not EVEN_D, UPCAST)
     v = _load_tile(v_base, offs_n, offs_d, svl, svd, n_ok, d_ok, TAIL, not EVEN_D, UPCAST)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    # s - lse2 first: one FFMA with the scale, whatever is added after (the band's bias, the key bias)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None]
     if WITH_BIAS:
         if on_band:
             if TAIL:
@@ -421,7 +422,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, n0, offs_n_base, offs_d, ro
             s += tl.load(key_bias_row + offs_n)[None, :] * LOG2E
     # Rows past L: lse2 = +inf, so p = 0 and dS = 0. Keys past L: k = 0 and s is finite, so their dS adds nothing
     # to dQ, and it is not stored.
-    p = tl.exp2(s - lse2[:, None])
+    p = tl.exp2(s)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     if DROPOUT:  # dS·(1 - p) = P ∘ (dP ∘ Z - Δ·(1 - p)): 1 / (1 - p) is applied once, to dQ and in dtable
         dp = tl.where(_keep_bits(mask_rows, n0, BLOCK_M, BLOCK_N, WORD) != 0, dp, 0.0)
@@ -726,11 +727,13 @@ def _bwd_dtable_kernel(DS_SUM, INDEX, DTABLE, CU_SEQLENS, B, GROUPS, L, LB, LS, 
 # tile in dQ, the query tile in dK/dV): wgmma needs the program's own tile to be 64 rows.
 _TILES = {
     "sm_90": {  # H100, H200: 227 KB of shared memory per block
+        # dq up to d 128: 128 queries on 8 warps, 64 rows per warpgroup. On 64 rows, both warpgroups computed the
+        # whole dP (triton lays a dot that feeds another along M only), a third more instructions per score.
         # dkdv up to d 128: [keys, queries] tiles (KEYS_MAJOR), one warpgroup on 64 keys. At d 128, 16 queries: 32
         # spill 8-32 B with the bounds masks (packed, odd lengths) on 1 or 2 stages. d 256: [queries, keys] tiles,
         # whose accumulators fit 8 warps.
-        64: dict(fwd=(64, 64, 4, 3), dq=(64, 64, 8, 3), dkdv=(32, 64, 4, 3)),
-        128: dict(fwd=(64, 64, 8, 3), dq=(64, 32, 8, 3), dkdv=(16, 64, 4, 2)),
+        64: dict(fwd=(64, 64, 4, 3), dq=(128, 32, 8, 3), dkdv=(32, 64, 4, 3)),
+        128: dict(fwd=(64, 64, 8, 3), dq=(128, 32, 8, 3), dkdv=(16, 64, 4, 2)),
         256: dict(fwd=(64, 32, 8, 3), dq=(64, 32, 8, 3), dkdv=(16, 64, 8, 3)),
     },
     "sm_80": {  # A100 (163 KB), and GPUs this table does not name

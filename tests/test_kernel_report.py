@@ -364,7 +364,7 @@ def test_each_arch_records_the_tiles_chosen_for_it(monkeypatch):
     tiles = {(job["kernel"], job["arch"], job["head_dim"]): (job["kwargs"]["BLOCK_M"], job["kwargs"]["BLOCK_N"],
                                                              job["kwargs"]["num_warps"])
              for job in jobs if not job["dropout"] and not job["key_padding"] and not job["yardstick"]}
-    assert tiles[("attention_bwd_dq", "sm_90a", 64)] == (64, 64, 8)
+    assert tiles[("attention_bwd_dq", "sm_90a", 64)] == (128, 32, 8)
     assert tiles[("attention_bwd_dq", "sm_80", 64)] == (64, 32, 8)
     assert tiles[("attention_bwd_dkdv", "sm_90a", 128)] == (16, 64, 4)
     assert tiles[("attention_bwd_dkdv", "sm_80", 128)] == (64, 64, 8)
