@@ -724,7 +724,7 @@ def _bwd_dtable_kernel(DS_SUM, INDEX, DTABLE, CU_SEQLENS, B, GROUPS, L, LB, LS, 
 # Each is the largest tile that compiles with 0 spill bytes and the arch's tensor-core op (wgmma on sm_90, mma.sync
 # on sm_80), dropout and key padding on or off, within the family's shared memory per block: `make kernel-report`
 # shows sm_90a and sm_80. Where a [64, d] tile spills, the pass takes a 32-wide tile on its inner loop (the key
-# tile in dQ, the query tile in dK/dV): wgmma needs the program's own tile to be 64 rows.
+# tile in dQ, the query tile in dK/dV): wgmma needs 64 rows per warpgroup in the program's own tile.
 _TILES = {
     "sm_90": {  # H100, H200: 227 KB of shared memory per block
         # dq up to d 128: 128 queries on 8 warps, 64 rows per warpgroup. On 64 rows, both warpgroups computed the
