@@ -15,7 +15,7 @@ from camtl import ops
 import camtl.kernels.attention as attention_kernels
 from camtl.kernels.attention import _configs
 from camtl.ops.attention import _attention_fwd, draw_dropout_seed
-from conftest import assert_close, bert_config, graph_has, assert_independent_of_program_order
+from conftest import assert_close, bert_config, graph_has, assert_independent_of_program_order, poisoned_empty
 
 
 def run(backend, leaves, index, mask=None, **kw):
@@ -89,42 +89,45 @@ def test_mixed_tasks_odd_and_dynamic_lengths(L, L_max, c, dtype, device):
     compare_backends(tensors, index, dtype)
 
 
-def dkdv_on_query_rows(monkeypatch) -> list:
-    """Launch dK/dV on [queries, keys] score tiles, as on sm_80 and at d 256 (KEYS_MAJOR off): the interpreter's own
-    choice is [keys, queries], as on sm_90 up to d 128 (kernels/attention.py, _dkdv_tile). Returns the list of
-    configurations handed out, to check that the launches took them."""
+def dkdv_on_the_other_layout(monkeypatch) -> list:
+    """Launch dK/dV on the score layout this device does not use by default (KEYS_MAJOR flipped): [queries, keys]
+    under the interpreter, which runs sm_90's [keys, queries] (kernels/attention.py, _dkdv_tile), and on sm_90 up
+    to d 128; [keys, queries] elsewhere. Returns the configurations handed out, to check that the launches took
+    them."""
     configs_for, handed_out = attention_kernels._configs_for, []
 
-    def on_query_rows(*args, **kwargs):
+    def flipped(*args, **kwargs):
         configs = configs_for(*args, **kwargs)
-        assert configs["dkdv"]["KEYS_MAJOR"]  # the interpreter's own choice
-        handed_out.append(dict(configs, dkdv=dict(configs["dkdv"], KEYS_MAJOR=False)))
+        handed_out.append(dict(configs, dkdv=dict(configs["dkdv"], KEYS_MAJOR=not configs["dkdv"]["KEYS_MAJOR"])))
         return handed_out[-1]
 
-    monkeypatch.setattr(attention_kernels, "_configs_for", on_query_rows)
+    monkeypatch.setattr(attention_kernels, "_configs_for", flipped)
     return handed_out
+
+
+def took_query_rows(handed_out: list) -> bool:
+    """Under the interpreter, dkdv_on_the_other_layout hands out [queries, keys] tiles (sm_80's)."""
+    return bool(handed_out) and not any(configs["dkdv"]["KEYS_MAJOR"] for configs in handed_out)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_dkdv_on_query_rows_as_on_sm80(dtype, device, monkeypatch):
     """dK/dV's other layout: key padding, an odd length (partial tiles) and blocks that tiles cut."""
-    handed_out = dkdv_on_query_rows(monkeypatch)
+    handed_out = dkdv_on_the_other_layout(monkeypatch)
     B, L = 3, 23
     tensors, index = make(B, 2, L, 32, 2, L, 8, torch.float32, device)
     keep = torch.arange(L, device=device)[None, :] < torch.tensor([23, 9, 1], device=device)[:, None]
     compare_backends(tensors, index, dtype, keep)
-    assert handed_out, "the launches did not ask for their configurations"
+    assert took_query_rows(handed_out), "the launches did not take [queries, keys] tiles"
 
 
-def test_dense_bias_holds_the_bias_and_its_transpose(device, monkeypatch):
+def test_dense_bias_holds_the_bias_and_its_transpose(device):
     """dense_bias: plane 0 is log2(e)·M [G, L, L'], plane 1 its transpose (dK/dV's [keys, queries] tiles read it),
     0 in the padding columns; every element written (the buffer is poisoned)."""
     G, L_max, c, L = 3, 26, 7, 21  # L' = 32: 11 padding columns; the last block cut by L
     table = torch.randn(G, L_max, c, device=device)
-    real_empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
-    bias = attention_kernels.dense_bias(table, L)
-    monkeypatch.undo()
+    with poisoned_empty():
+        bias = attention_kernels.dense_bias(table, L)
     LS = attention_kernels.row_stride(L)
     assert bias.shape == attention_kernels.dense_bias_shape(G, L) == (2, G, L, LS)
     want = torch.zeros(2, G, L, LS, device=device)
@@ -314,8 +317,8 @@ def test_dropout_mask_is_the_documented_philox_one_per_example_and_head(device):
 @pytest.mark.parametrize("dkdv", ["keys-major", "queries-major"])
 def test_dropout_backward_matches_a_reference_with_the_documented_mask(dkdv, device, monkeypatch):
     """Forward and backward against float64 autograd through the mask computed without the kernel; dK/dV in either
-    layout (see dkdv_on_query_rows)."""
-    handed_out = dkdv_on_query_rows(monkeypatch) if dkdv == "queries-major" else None
+    layout (see dkdv_on_the_other_layout)."""
+    handed_out = dkdv_on_the_other_layout(monkeypatch) if dkdv == "queries-major" else None
     B, H, L, d, p, seed = 2, 2, 20, 32, 0.25, 11
     (q, k, v, table), index = make(B, H, L, d, 2, 24, 7, torch.float32, device)
     keep = philox_keep(seed, B, H, L, p).to(device)
@@ -330,7 +333,7 @@ def test_dropout_backward_matches_a_reference_with_the_documented_mask(dkdv, dev
     exp.backward(grad)
     for name, a, r in zip(("q", "k", "v", "table"), leaves, ref):
         assert_close(a.grad, r.grad, torch.float32, f"grad of {name} with dropout")
-    assert handed_out is None or handed_out
+    assert handed_out is None or took_query_rows(handed_out)
 
 
 def test_dropout_same_seed_same_output(device):
@@ -528,4 +531,4 @@ def test_gpu_tiles_fit_the_head_dim_and_the_dropout_words(capability, d, monkeyp
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     interpreted = attention_kernels._configs_for(d, torch.float32, capability)
     assert all(cfg["BLOCK_M"] == cfg["BLOCK_N"] == 16 for cfg in interpreted.values())
-    assert interpreted["dkdv"]["KEYS_MAJOR"]  # the interpreter runs sm_90's layout; dkdv_on_query_rows the other
+    assert interpreted["dkdv"]["KEYS_MAJOR"]  # the interpreter runs sm_90's layout; dkdv_on_the_other_layout the other

@@ -15,7 +15,7 @@ import camtl.kernels.attention as attention_kernels
 from camtl.kernels.attention import _configs
 from camtl.ops.attention import _attention_varlen_fwd, draw_dropout_seed
 from conftest import assert_close, graph_has, poisoned_empty, assert_independent_of_program_order
-from test_kernels_attention import dkdv_on_query_rows, far_apart, philox_keep
+from test_kernels_attention import dkdv_on_the_other_layout, far_apart, philox_keep, took_query_rows
 
 H = 2
 # A length-1 sequence, one longer than a 16-row tile (20), lengths that are not multiples of c; task 3 unused,
@@ -165,8 +165,8 @@ def reference_with_mask(q, k, v, table, index, cu, keeps, p):
 
 @pytest.mark.parametrize("dkdv", ["keys-major", "queries-major"])
 def test_varlen_dropout_forward_and_backward_match_a_reference_with_the_documented_mask(dkdv, device, monkeypatch):
-    """dK/dV in either layout (see test_kernels_attention.dkdv_on_query_rows)."""
-    handed_out = dkdv_on_query_rows(monkeypatch) if dkdv == "queries-major" else None
+    """dK/dV in either layout (see test_kernels_attention.dkdv_on_the_other_layout)."""
+    handed_out = dkdv_on_the_other_layout(monkeypatch) if dkdv == "queries-major" else None
     p, seed = 0.25, 2**32 + 7  # both halves of the Philox key in use
     tensors, index, cu = packed(LENGTHS, 16, 24, 6, device)
     keeps = documented_keep(seed, LENGTHS, p)
@@ -180,7 +180,7 @@ def test_varlen_dropout_forward_and_backward_match_a_reference_with_the_document
     assert_close(out, exp, torch.float32, "output")
     for name, g, e in zip(("q", "k", "v", "table"), grads, torch.autograd.grad(exp, ref, grad.double())):
         assert_close(g, e, torch.float32, f"grad of {name} with dropout")
-    assert handed_out is None or handed_out
+    assert handed_out is None or took_query_rows(handed_out)
 
 
 def test_varlen_dropout_mask_is_the_documented_one_per_sequence_and_head_and_seed(device):

@@ -7,9 +7,8 @@ import torch
 
 import camtl
 from camtl import ops
-import camtl.kernels.attention as attention_kernels
 from camtl_test_helpers import assert_close, bert_config
-from test_kernels_attention import _kernel_attention, philox_keep
+from test_kernels_attention import _kernel_attention, dkdv_on_the_other_layout, philox_keep
 
 CUDA = torch.device("cuda")
 SHAPES = [(32, 12, 128, 64, 128), (8, 16, 512, 64, 512)]  # B, H, L, d, L_max
@@ -57,23 +56,11 @@ def test_head_dims_with_partial_tiles_match_torch_backend(d):
     compare_with_torch_backend(4, 4, 100, d, 100, torch.bfloat16)
 
 
-def _flip_dkdv_layout(monkeypatch):
-    """dK/dV on the score layout this GPU does not use by default (kernels/attention.py, _dkdv_tile)."""
-    configs_for = attention_kernels._configs_for
-
-    def flipped(*args, **kwargs):
-        configs = configs_for(*args, **kwargs)
-        return dict(configs, dkdv=dict(configs["dkdv"], KEYS_MAJOR=not configs["dkdv"]["KEYS_MAJOR"]))
-
-    monkeypatch.setattr(attention_kernels, "_configs_for", flipped)
-
-
 @pytest.mark.parametrize("dkdv", ["this GPU's layout", "the other layout"])
 def test_dropout_with_partial_tiles_matches_the_documented_mask(dkdv, monkeypatch):
     """Dropout (bf16, d 64, L = 100) against float64 autograd through the mask computed without the kernel, with
     dK/dV on both score layouts: [keys, queries] is sm_90's, [queries, keys] the other GPUs'."""
-    if dkdv == "the other layout":
-        _flip_dkdv_layout(monkeypatch)
+    handed_out = dkdv_on_the_other_layout(monkeypatch) if dkdv == "the other layout" else None
     B, H, L, d, p, seed = 2, 4, 100, 64, 0.1, 1234
     torch.manual_seed(3)
     tensors = [torch.randn(B, H, L, d, device=CUDA) for _ in range(3)] + [torch.randn(3, L, 50, device=CUDA)]
@@ -90,6 +77,7 @@ def test_dropout_with_partial_tiles_matches_the_documented_mask(dkdv, monkeypatc
     exp.backward(grad.double())
     for name, a, r in zip(("q", "k", "v", "table"), leaves, ref):
         assert_close(a.grad, r.grad, torch.bfloat16, f"grad of {name} with dropout ({dkdv})")
+    assert handed_out is None or handed_out, "the launches did not ask for their configurations"
 
 
 def test_deterministic_backward():
