@@ -163,17 +163,15 @@ def test_float_key_bias_of_any_value_dtype_and_stride(dtype, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_key_bias_operands_split_the_bias_exactly(dtype, device, monkeypatch):
+def test_key_bias_operands_split_the_bias_exactly(dtype, device):
     """key_bias_operands against the rule written out here: x = kb / (16·scale) = hi + lo, hi in dtype (TF32,
     rounded to nearest, for fp32), lo the rest in dtype; zeros in the other columns; -inf as (-inf, 0); fp16
     clamps to its finite range; kb32 is what the forward adds: kb where hi + lo is x, else 16·scale·(hi + lo)."""
     scale = 0.125
     kb = torch.randn(2, 37, device=device, dtype=torch.float64) * 50.0
     kb[0, 3], kb[1, 5], kb[1, 6] = float("-inf"), -1e9, 0.0
-    real_empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))  # poison
-    operand, kb32 = attention_kernels.key_bias_operands(kb, scale, dtype)
-    monkeypatch.undo()
+    with poisoned_empty():
+        operand, kb32 = attention_kernels.key_bias_operands(kb, scale, dtype)
     assert operand.shape == (2, 37, 16) and operand.dtype == dtype and kb32.dtype == torch.float32
     assert (operand[..., 2:] == 0).all()
     x = kb.float() / (16 * scale)
