@@ -342,8 +342,8 @@ def _attention_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
                           max_seqlen: int, table: torch.Tensor, index: torch.Tensor, scale: float, dropout_p: float,
                           seed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Packed: (out [N, H, d], lse [H, N] fp32, the dense bias and its transpose [2, G, max_seqlen, L'] fp32 (L' =
-    max_seqlen rounded up to 16), the dropout bit mask) for q, k, v [N, H, d] and sequences cu_seqlens [S+1]; the last three are saved
-    for the backward."""
+    max_seqlen rounded up to 16), the dropout bit mask) for q, k, v [N, H, d] and sequences cu_seqlens [S+1]; the
+    last three are saved for the backward."""
     from camtl.kernels.attention import attention_forward_varlen
 
     return attention_forward_varlen(q, k, v, cu_seqlens, max_seqlen, table, index, scale, dropout_p,
