@@ -455,6 +455,53 @@ def test_empty_inputs(B, L, device):
     assert (table.grad == 0).all()
 
 
+def gpu_tiles_under_the_interpreter(monkeypatch, capability) -> list:
+    """Launch with the tiles, warps and layouts that a GPU of this capability gets (_TILES), under the interpreter
+    (its own dot flags, UPCAST and PRECISION): the shipped shapes run here, not only the interpreter's 16x16 tiles.
+    Returns the configurations handed out."""
+    configs_for, handed_out = attention_kernels._configs_for, []
+
+    def on_gpu_tiles(d, dtype, device_capability=None):
+        interpreted = configs_for(d, dtype, device_capability)
+        with monkeypatch.context() as m:
+            m.delenv("TRITON_INTERPRET")
+            gpu = configs_for(d, dtype, capability)
+        flags = ("UPCAST", "PRECISION")
+        handed_out.append({name: dict(cfg, **{f: interpreted[name][f] for f in flags}) for name, cfg in gpu.items()})
+        return handed_out[-1]
+
+    monkeypatch.setattr(attention_kernels, "_configs_for", on_gpu_tiles)
+    return handed_out
+
+
+@pytest.mark.parametrize("capability,d", [((9, 0), 64), ((9, 0), 128), ((8, 0), 64)],
+                         ids=["sm_90 d64", "sm_90 d128", "sm_80 d64"])
+def test_gpu_tiles_run_under_the_interpreter(capability, d, device, monkeypatch):
+    """The GPU's own tiles (sm_90: dQ 128 queries x 32 keys, dK/dV [keys, queries]; sm_80: [queries, keys]) on a
+    length that leaves every pass a partial tile (L = 150), blocks that tiles cut (c = 40), key padding and
+    dropout, against the torch backend with the documented mask."""
+    handed_out = gpu_tiles_under_the_interpreter(monkeypatch, capability)
+    B, H, L, p, seed = 2, 2, 150, 0.1, 5
+    (q, k, v, table), index = make(B, H, L, d, 2, L, 40, torch.float32, device)
+    keep = torch.arange(L, device=device)[None, :] < torch.tensor([L, 97], device=device)[:, None]
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, table)]
+    with poisoned_empty():
+        out = _attention_fwd(*leaves[:3], leaves[3], index, keep, 1.0 / math.sqrt(d), p,
+                             torch.tensor(seed, dtype=torch.int64))[0]
+        grad = torch.randn_like(out)
+        grads = torch.autograd.grad(out, leaves, grad)
+    tiles = handed_out[0]
+    assert tiles["dq"]["BLOCK_M"] == (128 if capability[0] == 9 else 64)
+    assert tiles["dkdv"]["KEYS_MAJOR"] == (capability[0] == 9)
+    mask = philox_keep(seed, B, H, L, p).to(device) & keep[:, None, None, :]
+    ref = [t.double().requires_grad_() for t in (q, k, v, table)]
+    _, probs = ops.conditional_attention(*ref[:3], ref[3], index, keep, return_probs=True)
+    exp = (probs * mask / (1 - p)) @ ref[2]
+    assert_close(out, exp, torch.float32, "output")
+    for name, g, e in zip(("q", "k", "v", "table"), grads, torch.autograd.grad(exp, ref, grad.double())):
+        assert_close(g, e, torch.float32, f"grad of {name}")
+
+
 def test_long_sequence(device):
     """L >= 512 (BERT's longest), not a multiple of the tile, with the large model's wide blocks (c = 256)."""
     tensors, index = make(1, 1, 515, 32, 2, 520, 256, torch.float32, device)
