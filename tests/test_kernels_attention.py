@@ -474,12 +474,12 @@ def gpu_tiles_under_the_interpreter(monkeypatch, capability) -> list:
     return handed_out
 
 
-@pytest.mark.parametrize("capability,d", [((9, 0), 64), ((9, 0), 128), ((8, 0), 64)],
-                         ids=["sm_90 d64", "sm_90 d128", "sm_80 d64"])
+@pytest.mark.parametrize("capability,d", [((9, 0), 64), ((9, 0), 128), ((9, 0), 256), ((8, 0), 64)],
+                         ids=["sm_90 d64", "sm_90 d128", "sm_90 d256", "sm_80 d64"])
 def test_gpu_tiles_run_under_the_interpreter(capability, d, device, monkeypatch):
-    """The GPU's own tiles (sm_90: dQ 128 queries x 32 keys, dK/dV [keys, queries]; sm_80: [queries, keys]) on a
-    length that leaves every pass a partial tile (L = 150), blocks that tiles cut (c = 40), key padding and
-    dropout, against the torch backend with the documented mask."""
+    """The GPU's own tiles (sm_90 up to d 128: dQ 128 queries x 32 keys, dK/dV [keys, queries]; d 256 and sm_80:
+    [queries, keys]) on a length that leaves every pass a partial tile (L = 150), blocks that tiles cut (c = 40),
+    key padding and dropout, against float64 autograd through the documented mask."""
     handed_out = gpu_tiles_under_the_interpreter(monkeypatch, capability)
     B, H, L, p, seed = 2, 2, 150, 0.1, 5
     (q, k, v, table), index = make(B, H, L, d, 2, L, 40, torch.float32, device)
@@ -491,8 +491,8 @@ def test_gpu_tiles_run_under_the_interpreter(capability, d, device, monkeypatch)
         grad = torch.randn_like(out)
         grads = torch.autograd.grad(out, leaves, grad)
     tiles = handed_out[0]
-    assert tiles["dq"]["BLOCK_M"] == (128 if capability[0] == 9 else 64)
-    assert tiles["dkdv"]["KEYS_MAJOR"] == (capability[0] == 9)
+    assert tiles["dq"]["BLOCK_M"] == (128 if capability[0] == 9 and d <= 128 else 64)
+    assert tiles["dkdv"]["KEYS_MAJOR"] == (capability[0] == 9 and d <= 128)
     mask = philox_keep(seed, B, H, L, p).to(device) & keep[:, None, None, :]
     ref = [t.double().requires_grad_() for t in (q, k, v, table)]
     _, probs = ops.conditional_attention(*ref[:3], ref[3], index, keep, return_probs=True)
