@@ -89,20 +89,25 @@ def test_mixed_tasks_odd_and_dynamic_lengths(L, L_max, c, dtype, device):
     compare_backends(tensors, index, dtype)
 
 
+def launch_configs(monkeypatch, change) -> list:
+    """Every launch takes change(its configurations, _configs_for's arguments) as its configurations. Returns the
+    configurations handed out, to check that the launches took them."""
+    configs_for, handed_out = attention_kernels._configs_for, []
+
+    def changed(*args, **kwargs):
+        handed_out.append(change(configs_for(*args, **kwargs), *args, **kwargs))
+        return handed_out[-1]
+
+    monkeypatch.setattr(attention_kernels, "_configs_for", changed)
+    return handed_out
+
+
 def dkdv_on_the_other_layout(monkeypatch) -> list:
     """Launch dK/dV on the score layout this device does not use by default (KEYS_MAJOR flipped): [queries, keys]
     under the interpreter, which runs sm_90's [keys, queries] (kernels/attention.py, _dkdv_tile), and on sm_90 up
-    to d 128; [keys, queries] elsewhere. Returns the configurations handed out, to check that the launches took
-    them."""
-    configs_for, handed_out = attention_kernels._configs_for, []
-
-    def flipped(*args, **kwargs):
-        configs = configs_for(*args, **kwargs)
-        handed_out.append(dict(configs, dkdv=dict(configs["dkdv"], KEYS_MAJOR=not configs["dkdv"]["KEYS_MAJOR"])))
-        return handed_out[-1]
-
-    monkeypatch.setattr(attention_kernels, "_configs_for", flipped)
-    return handed_out
+    to d 128; [keys, queries] elsewhere. Returns the configurations handed out."""
+    return launch_configs(monkeypatch, lambda configs, *args: dict(
+        configs, dkdv=dict(configs["dkdv"], KEYS_MAJOR=not configs["dkdv"]["KEYS_MAJOR"])))
 
 
 def took_query_rows(handed_out: list) -> bool:
@@ -360,15 +365,14 @@ def test_computed_accumulator_zeros_give_the_same_bits(device, monkeypatch):
         return [out.detach()] + list(torch.autograd.grad(out, leaves, grad))
 
     from_tl_zeros = outputs()
-    configs_for = attention_kernels._configs_for
 
-    def with_wgmma(*args, **kwargs):
-        configs = configs_for(*args, **kwargs)
+    def with_wgmma(configs, *args):
         assert not any(cfg["WGMMA"] for cfg in configs.values())  # the interpreter's own choice
         return {name: dict(cfg, WGMMA=True) for name, cfg in configs.items()}
 
-    monkeypatch.setattr(attention_kernels, "_configs_for", with_wgmma)
+    handed_out = launch_configs(monkeypatch, with_wgmma)
     computed = outputs()
+    assert handed_out and all(cfg["WGMMA"] for configs in handed_out for cfg in configs.values())
     for name, a, b in zip(("output", "q", "k", "v", "table"), from_tl_zeros, computed):
         assert torch.isfinite(a).all() and torch.equal(a, b), name
 
@@ -459,19 +463,16 @@ def gpu_tiles_under_the_interpreter(monkeypatch, capability) -> list:
     """Launch with the tiles, warps and layouts that a GPU of this capability gets (_TILES), under the interpreter
     (its own dot flags, UPCAST and PRECISION): the shipped shapes run here, not only the interpreter's 16x16 tiles.
     Returns the configurations handed out."""
-    configs_for, handed_out = attention_kernels._configs_for, []
+    configs_for = attention_kernels._configs_for
 
-    def on_gpu_tiles(d, dtype, device_capability=None):
-        interpreted = configs_for(d, dtype, device_capability)
+    def on_gpu_tiles(interpreted, d, dtype, *args):
         with monkeypatch.context() as m:
             m.delenv("TRITON_INTERPRET")
             gpu = configs_for(d, dtype, capability)
-        flags = ("UPCAST", "PRECISION")
-        handed_out.append({name: dict(cfg, **{f: interpreted[name][f] for f in flags}) for name, cfg in gpu.items()})
-        return handed_out[-1]
+        return {name: dict(cfg, UPCAST=interpreted[name]["UPCAST"], PRECISION=interpreted[name]["PRECISION"])
+                for name, cfg in gpu.items()}
 
-    monkeypatch.setattr(attention_kernels, "_configs_for", on_gpu_tiles)
-    return handed_out
+    return launch_configs(monkeypatch, on_gpu_tiles)
 
 
 @pytest.mark.parametrize("capability,d", [((9, 0), 64), ((9, 0), 128), ((9, 0), 256), ((8, 0), 64)],
