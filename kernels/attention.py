@@ -88,7 +88,15 @@ def _load_tile(ptr, offs_r, offs_c, stride_r, stride_c, r_ok, c_ok, MASK_R: tl.c
                UPCAST: tl.constexpr):
     """x[r, c] = ptr[offs_r[r]·stride_r + offs_c[c]·stride_c], 0 where r_ok[r] (if MASK_R) or c_ok[c] (if MASK_C)
     is false; fp32 if UPCAST. Each mask is compiled in only where a tile can cross the bound."""
-    ptrs = ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
+    return _load_at(ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c, r_ok, c_ok, MASK_R, MASK_C,
+                    UPCAST)
+
+
+@triton.jit
+def _load_at(ptrs, r_ok, c_ok, MASK_R: tl.constexpr, MASK_C: tl.constexpr, UPCAST: tl.constexpr):
+    """x = ptrs[r, c] (a tile of pointers), masked as _load_tile. The loops load their streamed tiles from
+    loop-invariant pointers plus a scalar step: one address op per chunk, where rows' offsets recomputed each
+    chunk's address in three."""
     if MASK_R and MASK_C:
         x = tl.load(ptrs, mask=r_ok[:, None] & c_ok[None, :], other=0.0)
     elif MASK_R:
@@ -283,8 +291,8 @@ def _dropout_mask_kernel(MASK, CU_SEQLENS, H, L, LB, W, dropout_p, seed, BLOCK_M
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_n_base, offs_d, d_ok, L, qk_scale, opaque_zero,
-              bias_tile, key_bias_row, mask_rows, bias_hi, skl, skd, svl, svd,
+def _fwd_tile(acc, m_i, l_i, q, kT_tile, v_tile, n0, offs_n_base, d_ok, L, qk_scale, opaque_zero,
+              bias_tile, key_bias_row, mask_rows, bias_hi, skl, svl,
               WITH_BIAS: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, TAIL: tl.constexpr,
               EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, WORD: tl.constexpr):
@@ -292,8 +300,8 @@ def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_n_base, offs_d, d_ok, L
     mask; the tail (TAIL) masks its keys past L, and its bias past bias_hi (L on the band, else 0)."""
     offs_n = n0 + offs_n_base
     n_ok = offs_n < L
-    kT = _load_tile(k_base, offs_d, offs_n, skd, skl, d_ok, n_ok, not EVEN_D, TAIL, UPCAST)
-    v = _load_tile(v_base, offs_n, offs_d, svl, svd, n_ok, d_ok, TAIL, not EVEN_D, UPCAST)
+    kT = _load_at(kT_tile + n0 * skl, d_ok, n_ok, not EVEN_D, TAIL, UPCAST)
+    v = _load_at(v_tile + n0 * svl, n_ok, d_ok, TAIL, not EVEN_D, UPCAST)
     s = tl.dot(q, kT, input_precision=PRECISION)
     if HAS_KEY_BIAS:  # key_bias_row: the operand's rows, key n at + n·KB_K
         kb_t = _load_tile(key_bias_row, tl.arange(0, KB_K), offs_n, 1, KB_K, n_ok, n_ok, False, TAIL, UPCAST)
@@ -341,10 +349,11 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
     rows = _rows_in(offs_m, L, EVEN_M)
     q = _load_tile(_slab(Q, b, h, first, sqb, sqh, sql, VARLEN), offs_m, offs_d, sql, sqd, row_ok, d_ok, not EVEN_M,
                    not EVEN_D, UPCAST)
-    k_base = _slab(K, b, h, first, skb, skh, skl, VARLEN)
-    v_base = _slab(V, b, h, first, svb, svh, svl, VARLEN)
-    # The bias tile at key 0 as loop-invariant pointers, advanced by a scalar per key tile: one add per loaded
-    # chunk (from rows' pointers and the tile's offsets, ptxas recomputed each chunk's address: 18 instructions more).
+    # The K, V and bias tiles at key 0 as loop-invariant pointers, advanced by a scalar per key tile: one add per
+    # loaded chunk (from rows' pointers and the tile's offsets, ptxas recomputed each chunk's address: 18
+    # instructions more for the bias, 16 for K and V at d 64).
+    kT_tile = _slab(K, b, h, first, skb, skh, skl, VARLEN) + offs_d[:, None] * skd + offs_n_base[None, :] * skl
+    v_tile = _slab(V, b, h, first, svb, svh, svl, VARLEN) + offs_n_base[:, None] * svl + offs_d[None, :] * svd
     bias_tile = BIAS + tl.load(INDEX + b).to(tl.int64) * LB * LS + (rows[:, None] * LS + offs_n_base[None, :])
     key_bias_row = KEY_BIAS + b.to(tl.int64) * skbb
     mask_rows = MASK + pid_bh.to(tl.int64) * LB * W + rows[:, None] * W
@@ -359,22 +368,22 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
     if not EVEN_N:
         if L_full < L:  # the tail meets the band iff it starts before band_hi
             bias_hi = L * (L_full < band_hi).to(tl.int32)
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, L_full, offs_n_base, offs_d, d_ok, L,
-                                      qk_scale, opaque_zero, bias_tile, key_bias_row, mask_rows, bias_hi, skl, skd,
-                                      svl, svd, HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT, True, EVEN_D, UPCAST,
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kT_tile, v_tile, L_full, offs_n_base, d_ok, L, qk_scale,
+                                      opaque_zero, bias_tile, key_bias_row, mask_rows, bias_hi, skl, svl,
+                                      HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT, True, EVEN_D, UPCAST,
                                       PRECISION, BLOCK_M, BLOCK_N, WORD)
     # The full tiles off the band (before it, then after it) in one loop, then the band's tiles with their bias.
     before, band_end, skip, off_end = _off_band(band_first, band_hi, after, L_full, EVEN_N)
     for i in range(0, off_end, BLOCK_N):
         n0 = i + skip * (i >= before).to(tl.int32)
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_n_base, offs_d, d_ok, L, qk_scale,
-                                  opaque_zero, bias_tile, key_bias_row, mask_rows, L, skl, skd, svl, svd,
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kT_tile, v_tile, n0, offs_n_base, d_ok, L, qk_scale,
+                                  opaque_zero, bias_tile, key_bias_row, mask_rows, L, skl, svl,
                                   False, HAS_KEY_BIAS, DROPOUT, False, EVEN_D, UPCAST, PRECISION, BLOCK_M,
                                   BLOCK_N, WORD)
     if HAS_BLOCK_BIAS:
         for n0 in range(band_first, band_end, BLOCK_N):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_n_base, offs_d, d_ok, L, qk_scale,
-                                      opaque_zero, bias_tile, key_bias_row, mask_rows, L, skl, skd, svl, svd,
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kT_tile, v_tile, n0, offs_n_base, d_ok, L, qk_scale,
+                                      opaque_zero, bias_tile, key_bias_row, mask_rows, L, skl, svl,
                                       True, HAS_KEY_BIAS, DROPOUT, False, EVEN_D, UPCAST, PRECISION, BLOCK_M,
                                       BLOCK_N, WORD)
     if DROPOUT:
@@ -395,8 +404,8 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, n0, offs_n_base, offs_d, row_ok, d_ok, L, qk_scale, bias_tile,
-             key_bias_row, mask_rows, ds_tile, skl, skd, svl, svd, first_head, on_band,
+def _dq_tile(dq, q, do, lse2, delta, k_tile, v_tile, n0, offs_n_base, row_ok, d_ok, L, qk_scale, bias_tile,
+             key_bias_row, mask_rows, ds_tile, skl, svl, first_head, on_band,
              WITH_BIAS: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, TAIL: tl.constexpr,
              EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WORD: tl.constexpr):
@@ -405,8 +414,8 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, n0, offs_n_base, offs_d, ro
     tail (TAIL) masks keys past L."""
     offs_n = n0 + offs_n_base
     n_ok = offs_n < L
-    k = _load_tile(k_base, offs_n, offs_d, skl, skd, n_ok, d_ok, TAIL, not EVEN_D, UPCAST)
-    v = _load_tile(v_base, offs_n, offs_d, svl, svd, n_ok, d_ok, TAIL, not EVEN_D, UPCAST)
+    k = _load_at(k_tile + n0 * skl, n_ok, d_ok, TAIL, not EVEN_D, UPCAST)
+    v = _load_at(v_tile + n0 * svl, n_ok, d_ok, TAIL, not EVEN_D, UPCAST)
     # s - lse2 first: one FFMA with the scale, whatever is added after (the band's bias, the key bias)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None]
     if WITH_BIAS:
@@ -502,19 +511,19 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, DS_SUM, BIAS, INDEX, KEY_BIAS
             delta = delta * (1.0 - dropout_p)
         lse2 = tl.load(_row_stats(LSE, pid_bh, h, first, L, N_TOKENS, VARLEN) + offs_m, mask=row_ok,
                        other=float("inf")) * LOG2E
-        k_base = _slab(K, b, h, first, skb, skh, skl, VARLEN)
-        v_base = _slab(V, b, h, first, svb, svh, svl, VARLEN)
+        k_tile = _slab(K, b, h, first, skb, skh, skl, VARLEN) + offs_n_base[:, None] * skl + offs_d[None, :] * skd
+        v_tile = _slab(V, b, h, first, svb, svh, svl, VARLEN) + offs_n_base[:, None] * svl + offs_d[None, :] * svd
         mask_rows = MASK + pid_bh.to(tl.int64) * LB * W + rows[:, None] * W
         dq = accumulator_zeros(0, BLOCK_M, BLOCK_D, opaque_zero, WGMMA)
         if not EVEN_N:
             if L_full < L:
-                dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, L_full, offs_n_base, offs_d, row_ok, d_ok, L,
-                              qk_scale, bias_tile, key_bias_row, mask_rows, ds_tile, skl, skd, svl, svd, hh == 0,
+                dq = _dq_tile(dq, q, do, lse2, delta, k_tile, v_tile, L_full, offs_n_base, row_ok, d_ok, L,
+                              qk_scale, bias_tile, key_bias_row, mask_rows, ds_tile, skl, svl, hh == 0,
                               (L_full >= band_first) & (L_full < band_hi), HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT,
                               True, EVEN_M, EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
         for n0 in range(0, L_full, BLOCK_N):  # one loop, the band decided per tile: three loops spill here
-            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, n0, offs_n_base, offs_d, row_ok, d_ok, L,
-                          qk_scale, bias_tile, key_bias_row, mask_rows, ds_tile, skl, skd, svl, svd, hh == 0,
+            dq = _dq_tile(dq, q, do, lse2, delta, k_tile, v_tile, n0, offs_n_base, row_ok, d_ok, L,
+                          qk_scale, bias_tile, key_bias_row, mask_rows, ds_tile, skl, svl, hh == 0,
                           (n0 >= band_first) & (n0 < band_hi), HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT, False, EVEN_M,
                           EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
         dq_ptrs = _slab(DQ, b, h, first, sgb, sgh, sgl, VARLEN) + offs_m[:, None] * sgl + offs_d[None, :] * sgd
@@ -554,9 +563,9 @@ def _over_queries(x, y, KEYS_MAJOR: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, n0, offs_d, d_ok, L, query_step, qk_scale,
-               bias_cols, bias_tile, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p, bias_hi, sql, sqd, sdol,
-               sdod, W, WITH_BIAS: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, TAIL: tl.constexpr,
+def _dkdv_tile(dk, dv, k, v, q_tile, do_tile, m0, offs_m_base, n0, d_ok, L, query_step, qk_scale,
+               bias_cols, bias_tile, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p, bias_hi, sql, sdol, W,
+               WITH_BIAS: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, TAIL: tl.constexpr,
                EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, WORD: tl.constexpr, KEYS_MAJOR: tl.constexpr):
     """One query tile of dK and dV. A full tile (queries m0 .. m0 + BLOCK_M all < L) has no bounds mask; the tail
@@ -568,8 +577,8 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, n0, offs_d, d_ok,
     then comes from the transposed plane Mᵀ (query_step 1), so that its tile loads stay vectors."""
     offs_m = m0 + offs_m_base
     row_ok = offs_m < L
-    q = _load_tile(q_base, offs_m, offs_d, sql, sqd, row_ok, d_ok, TAIL, not EVEN_D, UPCAST)
-    do = _load_tile(do_base, offs_m, offs_d, sdol, sdod, row_ok, d_ok, TAIL, not EVEN_D, UPCAST)
+    q = _load_at(q_tile + m0 * sql, row_ok, d_ok, TAIL, not EVEN_D, UPCAST)
+    do = _load_at(do_tile + m0 * sdol, row_ok, d_ok, TAIL, not EVEN_D, UPCAST)
     if TAIL:
         lse2 = tl.load(LSE_ROW + offs_m, mask=row_ok, other=float("inf")) * LOG2E
         delta = tl.load(DELTA_ROW + offs_m, mask=row_ok, other=0.0)
@@ -649,8 +658,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, INDEX, KEY_BIAS, MAS
     key_bias = tl.zeros([BLOCK_N], tl.float32)
     if HAS_KEY_BIAS:
         key_bias = tl.load(KEY_BIAS + b.to(tl.int64) * skbb + offs_n, mask=n_ok, other=0.0) * LOG2E
-    q_base = _slab(Q, b, h, first, sqb, sqh, sql, VARLEN)
-    do_base = _slab(DO, b, h, first, sdob, sdoh, sdol, VARLEN)
+    q_tile = _slab(Q, b, h, first, sqb, sqh, sql, VARLEN) + offs_m_base[:, None] * sql + offs_d[None, :] * sqd
+    do_tile = _slab(DO, b, h, first, sdob, sdoh, sdol, VARLEN) + offs_m_base[:, None] * sdol + offs_d[None, :] * sdod
     LSE_ROW = _row_stats(LSE, pid_bh, h, first, L, N_TOKENS, VARLEN)
     DELTA_ROW = _row_stats(DELTA, pid_bh, h, first, L, N_TOKENS, VARLEN)
     mask_base = MASK + pid_bh.to(tl.int64) * LB * W
@@ -663,23 +672,23 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, INDEX, KEY_BIAS, MAS
     if not EVEN_M:
         if L_full < L:  # the tail meets the band iff it starts before band_hi
             bias_hi = L * (L_full < band_hi).to(tl.int32)
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, L_full, offs_m_base, n0, offs_d, d_ok, L,
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_tile, do_tile, L_full, offs_m_base, n0, d_ok, L,
                                 query_step, qk_scale, bias_cols, bias_tile, key_bias, LSE_ROW, DELTA_ROW, mask_base,
-                                dropout_p, bias_hi, sql, sqd, sdol, sdod, W, HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT,
+                                dropout_p, bias_hi, sql, sdol, W, HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT,
                                 True, EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD, KEYS_MAJOR)
     # The full query tiles off the band (before it, then after it) in one loop, then the band's, with their bias.
     before, band_end, skip, off_end = _off_band(band_first, band_hi, after, L_full, EVEN_M)
     for i in range(0, off_end, BLOCK_M):
         m0 = i + skip * (i >= before).to(tl.int32)
-        dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, n0, offs_d, d_ok, L, query_step,
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_tile, do_tile, m0, offs_m_base, n0, d_ok, L, query_step,
                             qk_scale, bias_cols, bias_tile, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p, L,
-                            sql, sqd, sdol, sdod, W, False, HAS_KEY_BIAS, DROPOUT, False, EVEN_D, UPCAST, PRECISION,
+                            sql, sdol, W, False, HAS_KEY_BIAS, DROPOUT, False, EVEN_D, UPCAST, PRECISION,
                             BLOCK_M, BLOCK_N, WORD, KEYS_MAJOR)
     if HAS_BLOCK_BIAS:
         for m0 in range(band_first, band_end, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, m0, offs_m_base, n0, offs_d, d_ok, L, query_step,
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_tile, do_tile, m0, offs_m_base, n0, d_ok, L, query_step,
                                 qk_scale, bias_cols, bias_tile, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p,
-                                L, sql, sqd, sdol, sdod, W, True, HAS_KEY_BIAS, DROPOUT, False, EVEN_D, UPCAST,
+                                L, sql, sdol, W, True, HAS_KEY_BIAS, DROPOUT, False, EVEN_D, UPCAST,
                                 PRECISION, BLOCK_M, BLOCK_N, WORD, KEYS_MAJOR)
     dv = dv * dropout_scale  # 1 without dropout
     # DK and DV are contiguous and alike: one set of strides (sg*) serves both.

@@ -239,6 +239,28 @@ def test_strided_views_of_one_qkv_projection(device):
         assert_close(g, e, torch.float32)
 
 
+def test_q_k_v_and_the_output_gradient_each_with_their_own_strides(device):
+    """The loops step their streamed tiles by n0 (or m0) times that tensor's own row stride: q, k, v and dO each get
+    different strides here (v's rows are its last axis), so a stride of the wrong tensor reads the wrong rows."""
+    B, L, H, d = 2, 37, 2, 32
+    base = torch.randn(B, L, H, d, device=device)
+    q_src = base.clone().requires_grad_()
+    k_src = torch.randn(B, H, L, d, device=device, requires_grad=True)
+    v_src = torch.randn(B, H, d, L, device=device, requires_grad=True)
+    dout = torch.randn(B, H, L, d + 5, device=device)[..., :d]
+    table = torch.randn(B, L, 6, device=device, requires_grad=True)
+    q, k, v = q_src.permute(0, 2, 1, 3), k_src, v_src.transpose(-1, -2)
+    assert len({q.stride(2), k.stride(2), v.stride(2), dout.stride(2)}) == 4
+
+    def attention(backend):
+        with camtl.use_backend(backend):
+            out = ops.conditional_attention(q, k, v, table)
+        return (out, *torch.autograd.grad(out, (q_src, k_src, v_src, table), dout))
+
+    for got, want in zip(attention("triton"), attention("torch")):
+        assert_close(got, want, torch.float32)
+
+
 def test_backward_does_not_depend_on_program_order(device):
     """Bitwise the same gradients whatever order the programs run in (no atomics, no two programs writing one
     place). The interpreter runs programs one at a time in grid order, so only a shuffled order can show it."""
