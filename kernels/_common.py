@@ -17,6 +17,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# Every launch asks for FMA contraction (a·b + c as one FFMA) itself: the kernels' instruction counts assume it
+# (e.g. the scale and the LSE in one FFMA per score). Unset, triton 3.9 warns at the first compile and 3.10 turns
+# it off by default.
+FP_FUSION = dict(enable_fp_fusion=True)
+
+
 @triton.jit
 def accumulator_zeros(FIRST: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, opaque_zero,
                       WGMMA: tl.constexpr):

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import accumulator_zeros, dot_flags, gpu_capability, has_wgmma, interpreting, require_tf32
+from ._common import FP_FUSION, accumulator_zeros, dot_flags, gpu_capability, has_wgmma, interpreting, require_tf32
 
 
 @triton.jit
@@ -94,6 +94,6 @@ def film_linear_forward(x, gamma, beta, index, weight, bias):
         _fwd_kernel[grid](
             x.contiguous(), gamma.contiguous(), beta.contiguous(), index.contiguous(), weight.contiguous(),
             bias.contiguous() if bias is not None else y, y, M, N, D, L,
-            HAS_BIAS=bias is not None, **cfg,
+            HAS_BIAS=bias is not None, **cfg, **FP_FUSION,
         )
     return y

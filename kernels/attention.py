@@ -74,7 +74,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (accumulator_zeros, dot_flags, gpu_capability, has_wgmma, interpreting, require_tf32,
+from ._common import (FP_FUSION, accumulator_zeros, dot_flags, gpu_capability, has_wgmma, interpreting, require_tf32,
                       target_programs)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # scores run in base 2: exp(x) = exp2(x·log2(e))
@@ -846,7 +846,7 @@ def dense_bias(table: torch.Tensor, L: int) -> torch.Tensor:
     if bias.numel():
         block = 16 if interpreting() else 64
         _dense_bias_kernel[(triton.cdiv(L, block), triton.cdiv(bias.shape[3], block), G)](
-            table, bias, *table.stride(), G, L, bias.shape[3], C, BLOCK_M=block, BLOCK_N=block)
+            table, bias, *table.stride(), G, L, bias.shape[3], C, BLOCK_M=block, BLOCK_N=block, **FP_FUSION)
     return bias
 
 
@@ -860,7 +860,7 @@ def key_bias_operands(key_mask: torch.Tensor, scale: float, dtype: torch.dtype):
         block = 16 if interpreting() else 128
         _key_bias_operand_kernel[(triton.cdiv(L, block), B)](
             key_mask, operand, kb32, *key_mask.stride(), L, 1.0 / (KB_ONE.value * scale),
-            IS_BOOL=key_mask.dtype == torch.bool, TF32=dtype == torch.float32, BLOCK=block)
+            IS_BOOL=key_mask.dtype == torch.bool, TF32=dtype == torch.float32, BLOCK=block, **FP_FUSION)
     return operand, kb32
 
 
@@ -885,7 +885,7 @@ def _dropout_mask(programs, H, L, dropout_p, seed, word, device, cu_seqlens=None
     varlen = cu_seqlens is not None
     _dropout_mask_kernel[(triton.cdiv(L, block_m), programs)](
         mask, cu_seqlens if varlen else mask, H, L, L, W, dropout_p, seed, BLOCK_M=block_m,
-        BLOCK_W=triton.next_power_of_2(W), WORD=word, VARLEN=varlen)
+        BLOCK_W=triton.next_power_of_2(W), WORD=word, VARLEN=varlen, **FP_FUSION)
     return mask
 
 
@@ -934,7 +934,7 @@ def _forward(q, k, v, table, index, key_mask, scale, dropout_p, seed, cu_seqlens
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), kb_operand.stride(0) if has_kb else 0,
         H, L, L, bias.shape[3], table.shape[2], D, _mask_words(L, word), N_TOKENS, scale * LOG2E.value, dropout_p,
         HAS_KEY_BIAS=has_kb, DROPOUT=dropout, **_even(L, D, cfg, varlen), WORD=word, VARLEN=varlen, **cfg,
-    )
+        **FP_FUSION)
     return out, lse, bias, mask, key_bias
 
 
@@ -971,16 +971,16 @@ def _backward(dout, q, k, v, out, lse, bias, mask, table, index, key_bias, scale
     _bwd_dq_kernel[(triton.cdiv(L, cfg["dq"]["BLOCK_M"]), B, groups)](
         q, k, v, dout, out, lse, delta, dq, ds_sum, bias[0], index, kb, bits, cu,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(out), *_strides(dq), kb_stride,
-        *common, HEADS_PER_PROGRAM=hpp, **_even(L, D, cfg["dq"], varlen), **flags, **cfg["dq"])
+        *common, HEADS_PER_PROGRAM=hpp, **_even(L, D, cfg["dq"], varlen), **flags, **cfg["dq"], **FP_FUSION)
     _bwd_dkdv_kernel[(triton.cdiv(L, cfg["dkdv"]["BLOCK_N"]), B * H)](
         q, k, v, dout, lse, delta, dk, dv, bias[int(cfg["dkdv"]["KEYS_MAJOR"])], index, kb, bits, cu,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), kb_stride,
-        *common, **_even(L, D, cfg["dkdv"], varlen), **flags, **cfg["dkdv"])
+        *common, **_even(L, D, cfg["dkdv"], varlen), **flags, **cfg["dkdv"], **FP_FUSION)
     dtable = torch.empty_like(table)
     block_m = 16 if interpreting() else 32
     _bwd_dtable_kernel[(triton.cdiv(L_max, block_m), G)](
         ds_sum, index, dtable, cu, B, groups, L, L, bias.shape[3], C, L_max, *dtable.stride(), dropout_p,
-        BLOCK_M=block_m, BLOCK_C=triton.next_power_of_2(C), VARLEN=varlen)
+        BLOCK_M=block_m, BLOCK_C=triton.next_power_of_2(C), VARLEN=varlen, **FP_FUSION)
     return dq, dk, dv, dtable
 
 

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting, rows_per_chunk
+from ._common import FP_FUSION, interpreting, rows_per_chunk
 
 
 @triton.jit
@@ -122,7 +122,7 @@ def film_forward(x, gamma, beta, index):
         cfg = _config(D)
         grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(D, cfg["BLOCK_D"]))
         _fwd_kernel[grid](x.contiguous(), gamma.contiguous(), beta.contiguous(), index.contiguous(), out, M, L, D,
-                          SHARED_X=shared, **cfg)
+                          SHARED_X=shared, **cfg, **FP_FUSION)
     return out
 
 
@@ -149,7 +149,7 @@ def film_backward(dy, x, gamma, index):
         if B == 0:
             dx.zero_()  # an empty sum
         elif L and D:
-            _bwd_shared_kernel[(chunks, col_blocks)](*args, B, L, D, **cfg)
+            _bwd_shared_kernel[(chunks, col_blocks)](*args, B, L, D, **cfg, **FP_FUSION)
     elif B and L and D:
-        _bwd_kernel[(chunks, B, col_blocks)](*args, L, D, chunk, **dict(cfg, num_warps=_BWD_NUM_WARPS))
+        _bwd_kernel[(chunks, B, col_blocks)](*args, L, D, chunk, **dict(cfg, num_warps=_BWD_NUM_WARPS), **FP_FUSION)
     return dx, dscale, dshift

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting, rows_per_chunk
+from ._common import FP_FUSION, interpreting, rows_per_chunk
 
 @triton.jit
 def _fwd_kernel(X, RES, W, BIAS, GAMMA, BETA, INDEX, Y, MEAN, RSTD,
@@ -133,7 +133,7 @@ def layer_norm_forward(x, weight, bias, gamma, beta, index, residual, eps):
             x2, res, weight.contiguous(), bias.contiguous(), gamma.contiguous(), beta.contiguous(),
             index.contiguous(), y, mean, rstd,
             M, M // x.shape[0], D, eps,
-            HAS_RESIDUAL=residual is not None, **cfg,
+            HAS_RESIDUAL=residual is not None, **cfg, **FP_FUSION,
         )
     return y.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
 
@@ -161,6 +161,6 @@ def layer_norm_backward(dy, x, weight, gamma, beta, index, residual, mean, rstd)
             _rows(dy), x2, res, weight.contiguous(), gamma.contiguous(), beta.contiguous(), index.contiguous(),
             mean.contiguous(), rstd.contiguous(), dx, dscale, dbias,
             R, D, chunk,
-            HAS_RESIDUAL=residual is not None, **cfg,
+            HAS_RESIDUAL=residual is not None, **cfg, **FP_FUSION,
         )
     return dx.view(x.shape), dscale, dbias

@@ -652,12 +652,8 @@ def _write_cached(path: Path, figures: dict) -> None:
 
 
 def _init_worker(cache_dir: str):
-    import warnings
-
     os.environ["TRITON_CACHE_DIR"] = cache_dir
     os.environ.pop("TRITON_INTERPRET", None)
-    # triton 3.9 warns that its FP-fusion default will change; the report compiles with today's default, as the JIT.
-    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
 
 
 def run(jobs: List[dict], workers: int, progress: bool = True, cache: Optional[Path] = None,

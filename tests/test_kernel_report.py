@@ -374,6 +374,27 @@ def test_each_arch_records_the_tiles_chosen_for_it(monkeypatch):
     assert tiles[("attention_fwd", "sm_80", 128)] == (64, 64, 4)
 
 
+def test_every_launch_asks_for_fma_contraction_itself(monkeypatch):
+    """Each kernel launch passes enable_fp_fusion=True (kernels/_common.FP_FUSION), so its compile keeps FFMA when
+    triton's default turns it off (TRITON_DEFAULT_FP_FUSION=0 here, the default of triton 3.10)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")
+    jobs = kr.collect_configs(("sm_90a",), ("bf16",), (64,), (768,))
+    kernels = {job["kernel"] for job in jobs}
+    assert {"attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv", "attention_bias_expand",
+            "attention_dropout_mask", "attention_bwd_dtable", "layer_norm_fwd", "layer_norm_bwd", "film_fwd",
+            "film_bwd", "film_bwd_shared", "adapter_fwd"} <= kernels
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    assert backend.parse_options({}).enable_fp_fusion is False  # what a launch without the flag would get
+    for name in sorted(kernels):
+        job = next(job for job in jobs if job["kernel"] == name)
+        assert job["kwargs"].get("enable_fp_fusion") is True, name
+        assert backend.parse_options(job["kwargs"]).enable_fp_fusion is True, name
+
+
 def test_sm86_tiles_fit_its_99_kb_of_shared_memory(tmp_path):
     """On sm_86 (A10, RTX 30xx: 99 KB of shared memory per block) the d128 dK/dV kernel, the largest in shared
     memory, compiles within 99 KB with no spills, dropout and key padding on or off (3 stages of sm_80's tiles need
