@@ -758,6 +758,15 @@ _TILES = {
         256: dict(fwd=(64, 32, 8, 2), dq=(64, 32, 8, 1), dkdv=(16, 32, 8, 2)),
     },
 }
+# float32 operands (TF32) take twice the shared memory of 16-bit ones per pipeline stage, and more registers: where
+# the table's tile would not fit the family's shared memory per block or would spill, fp32 takes its own
+# (`make kernel-report KERNEL_REPORT_ARGS='--dtype fp32'` lists them).
+_TILES_FP32 = {
+    "sm_90": {128: dict(fwd=(64, 64, 8, 2), dkdv=(16, 64, 8, 2))},  # dkdv on [queries, keys]: see _configs_for
+    "sm_80": {128: dict(fwd=(64, 32, 4, 2), dq=(64, 32, 8, 2), dkdv=(32, 64, 8, 2))},
+    "99kb": {64: dict(fwd=(64, 64, 4, 2), dq=(32, 32, 4, 3)),
+             128: dict(fwd=(64, 32, 4, 2), dq=(64, 32, 8, 1), dkdv=(16, 32, 4, 2))},
+}
 PASSES = ("fwd", "dq", "dkdv")
 
 
@@ -787,14 +796,18 @@ def _configs_for(d: int, dtype: torch.dtype, capability=None):
         tiles = {name: (16, 16, 4, 1) for name in PASSES}
         wgmma = False
     else:
-        tiles = _TILES[_tile_family(capability)][max(64, block_d)]
+        family, key = _tile_family(capability), max(64, block_d)
+        tiles = dict(_TILES[family][key])
+        if dtype == torch.float32:
+            tiles.update(_TILES_FP32[family].get(key, {}))
         wgmma = has_wgmma(capability)  # the accumulators' zeros (accumulator_zeros)
     configs = {}
     for name, (m, n, w, stages, *maxnreg) in tiles.items():
         configs[name] = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=block_d, UPCAST=upcast, PRECISION=precision, num_warps=w,
                              num_stages=stages, WGMMA=wgmma)
-        if name == "dkdv":  # [keys, queries] score tiles on wgmma up to d 128, and under the interpreter (_dkdv_tile)
-            configs[name]["KEYS_MAJOR"] = interpreted or (wgmma and block_d <= 128)
+        if name == "dkdv":  # [keys, queries] score tiles on wgmma (_dkdv_tile) up to d 128, fp32 up to d 64 (at d 128
+            # its tiles spill, as 16-bit ones do at d 256), and under the interpreter
+            configs[name]["KEYS_MAJOR"] = interpreted or (wgmma and block_d <= (64 if dtype == torch.float32 else 128))
         if maxnreg:  # a register budget for ptxas, where its own choice would spill
             configs[name]["maxnreg"] = maxnreg[0]
     return configs

@@ -84,7 +84,8 @@ SIMULATED_GPUS = {"sm_90a": ((9, 0), 132), "sm_80": ((8, 0), 108), "sm_86": ((8,
 SM_LIMITS = {"sm_90a": dict(regs=65536, warps=64, blocks=32, smem=228 * 1024, smem_reserved=1024),
              "sm_80": dict(regs=65536, warps=64, blocks=32, smem=164 * 1024, smem_reserved=1024),
              "sm_86": dict(regs=65536, warps=48, blocks=16, smem=100 * 1024, smem_reserved=1024)}
-DTYPES = ("fp16", "bf16")
+DTYPES = ("fp16", "bf16")  # the default; fp32 (TF32 on the tensor cores) on demand: --dtype fp32
+DTYPE_CHOICES = DTYPES + ("fp32",)
 HEAD_DIMS = (32, 64, 128)
 HIDDEN_SIZES = (768, 1024)
 # A BERT-base-like batch: L = max_seq_length = 128, H = hidden / d heads, block width c = ceil(L / (hidden // L)).
@@ -366,7 +367,7 @@ def collect_configs(archs=DEFAULT_ARCHS, dtypes=DTYPES, head_dims=HEAD_DIMS, hid
                                                        p),
                 **fields)
 
-    torch_dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
+    torch_dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     shipped = [(drop, kpad, False) for drop in (False, True) for kpad in (False, True)]
     for dtype in dtypes:
         dt = torch_dtypes[dtype]
@@ -742,7 +743,8 @@ def main(argv=None) -> int:
                         help="compiler processes (default: one per core, at most 8; each peaked at 0.45 GB here)")
     parser.add_argument("--arch", nargs="+", choices=sorted(ARCHS), default=list(DEFAULT_ARCHS),
                         help="default: %(default)s")
-    parser.add_argument("--dtype", nargs="+", choices=DTYPES, default=list(DTYPES))
+    parser.add_argument("--dtype", nargs="+", choices=DTYPE_CHOICES, default=list(DTYPES),
+                        help="default: %(default)s (fp32: the TF32 kernels, which the default leaves out)")
     parser.add_argument("--head-dim", nargs="+", type=int, default=list(HEAD_DIMS))
     parser.add_argument("--hidden", nargs="+", type=int, default=list(HIDDEN_SIZES))
     parser.add_argument("--kernel", nargs="+", help="only these kernels, e.g. attention_fwd layer_norm_bwd")

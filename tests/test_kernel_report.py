@@ -374,6 +374,40 @@ def test_each_arch_records_the_tiles_chosen_for_it(monkeypatch):
     assert tiles[("attention_fwd", "sm_80", 128)] == (64, 64, 4)
 
 
+_FP32_TILES_CHECK = """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(sys.argv[1]).parent))  # importable by name: the compile workers unpickle its functions
+import kernel_report as kr
+
+jobs = []
+for arch, d in (("sm_90a", 128), ("sm_80", 128), ("sm_86", 128), ("sm_86", 64)):
+    for job in kr.collect_configs((arch,), ("fp32",), (d,), (768,), ["attention_fwd", "attention_bwd_dq",
+                                                                    "attention_bwd_dkdv", "attention_bwd_dkdv_varlen",
+                                                                    "attention_bwd_dq_varlen"]):
+        if job["dropout"] and job["key_padding"] is not False and not job["yardstick"] and not job["variant"][:2] == "L=":
+            jobs.append(job)
+rows, _, _ = kr.run(jobs, 2, progress=False)
+for row in rows:
+    print(row["kernel"], row["arch"], row["head_dim"], row["block_m"], row["block_n"], row["num_warps"],
+          row["num_stages"], "spill", row["spill_bytes"], "smem", row["smem_bytes"], "blocks", row["blocks_per_sm"])
+"""
+
+
+def test_float32_tiles_fit_shared_memory_without_spills(tmp_path):
+    """fp32 (TF32) doubles the shared memory of each pipeline stage: with the 16-bit tiles, every pass at d 128
+    needed more than an A100 block holds (and the forward more than an H100's), and d 64's forward more than
+    sm_86's 99 KB: the launch failed. fp32's own tiles (_TILES_FP32) compile to at least one block per SM with no
+    spills, with dropout and key padding (the most registers), padded and packed."""
+    result = _python("-c", _FP32_TILES_CHECK, str(SCRIPT), str(tmp_path), timeout=400)
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 4 * 5, result.stdout
+    for line in lines:
+        fields = line.split()
+        assert int(fields[fields.index("spill") + 1]) == 0 and int(fields[fields.index("blocks") + 1]) >= 1, line
+
+
 def test_every_launch_asks_for_fma_contraction_itself(monkeypatch):
     """Each kernel launch passes enable_fp_fusion=True (kernels/_common.FP_FUSION), so its compile keeps FFMA when
     triton's default turns it off (TRITON_DEFAULT_FP_FUSION=0 here, the default of triton 3.10)."""

@@ -481,29 +481,34 @@ def test_empty_inputs(B, L, device):
     assert (table.grad == 0).all()
 
 
-def gpu_tiles_under_the_interpreter(monkeypatch, capability) -> list:
-    """Launch with the tiles, warps and layouts that a GPU of this capability gets (_TILES), under the interpreter
-    (its own dot flags, UPCAST and PRECISION): the shipped shapes run here, not only the interpreter's 16x16 tiles.
-    Returns the configurations handed out."""
+def gpu_tiles_under_the_interpreter(monkeypatch, capability, tiles_of=torch.bfloat16) -> list:
+    """Launch with the tiles, warps and layouts that a GPU of this capability gets for inputs of dtype tiles_of
+    (_TILES, _TILES_FP32), under the interpreter (its own dot flags, UPCAST and PRECISION): the shipped shapes run
+    here, not only the interpreter's 16x16 tiles. Returns the configurations handed out."""
     configs_for = attention_kernels._configs_for
 
     def on_gpu_tiles(interpreted, d, dtype, *args):
         with monkeypatch.context() as m:
             m.delenv("TRITON_INTERPRET")
-            gpu = configs_for(d, dtype, capability)
+            gpu = configs_for(d, tiles_of, capability)
         return {name: dict(cfg, UPCAST=interpreted[name]["UPCAST"], PRECISION=interpreted[name]["PRECISION"])
                 for name, cfg in gpu.items()}
 
     return launch_configs(monkeypatch, on_gpu_tiles)
 
 
-@pytest.mark.parametrize("capability,d", [((9, 0), 64), ((9, 0), 128), ((9, 0), 256), ((8, 0), 64)],
-                         ids=["sm_90 d64", "sm_90 d128", "sm_90 d256", "sm_80 d64"])
-def test_gpu_tiles_run_under_the_interpreter(capability, d, device, monkeypatch):
-    """The GPU's own tiles (sm_90 up to d 128: dQ 128 queries x 32 keys, dK/dV [keys, queries]; d 256 and sm_80:
-    [queries, keys]) on a length that leaves every pass a partial tile (L = 150), blocks that tiles cut (c = 40),
-    key padding and dropout, against float64 autograd through the documented mask."""
-    handed_out = gpu_tiles_under_the_interpreter(monkeypatch, capability)
+@pytest.mark.parametrize("capability,d,tiles_of", [
+    ((9, 0), 64, torch.bfloat16), ((9, 0), 128, torch.bfloat16), ((9, 0), 256, torch.bfloat16),
+    ((8, 0), 64, torch.bfloat16), ((9, 0), 128, torch.float32), ((8, 0), 128, torch.float32),
+    ((8, 6), 128, torch.float32)],
+    ids=["sm_90 d64", "sm_90 d128", "sm_90 d256", "sm_80 d64", "sm_90 d128 fp32", "sm_80 d128 fp32",
+         "sm_86 d128 fp32"])
+def test_gpu_tiles_run_under_the_interpreter(capability, d, tiles_of, device, monkeypatch):
+    """The GPU's own tiles (sm_90 up to d 128: dQ 128 queries x 32 keys, dK/dV [keys, queries]; d 256, sm_80 and
+    fp32's at d 128: [queries, keys]; fp32's own smaller tiles) on a length that leaves every pass a partial tile
+    (L = 150), blocks that tiles cut (c = 40), key padding and dropout, against float64 autograd through the
+    documented mask."""
+    handed_out = gpu_tiles_under_the_interpreter(monkeypatch, capability, tiles_of)
     B, H, L, p, seed = 2, 2, 150, 0.1, 5
     (q, k, v, table), index = make(B, H, L, d, 2, L, 40, torch.float32, device)
     keep = torch.arange(L, device=device)[None, :] < torch.tensor([L, 97], device=device)[:, None]
@@ -515,7 +520,11 @@ def test_gpu_tiles_run_under_the_interpreter(capability, d, device, monkeypatch)
         grads = torch.autograd.grad(out, leaves, grad)
     tiles = handed_out[0]
     assert tiles["dq"]["BLOCK_M"] == (128 if capability[0] == 9 and d <= 128 else 64)
-    assert tiles["dkdv"]["KEYS_MAJOR"] == (capability[0] == 9 and d <= 128)
+    assert tiles["dkdv"]["KEYS_MAJOR"] == (capability[0] == 9 and d <= (64 if tiles_of == torch.float32 else 128))
+    if tiles_of == torch.float32:  # fp32's own tiles, where it has them
+        own = attention_kernels._TILES_FP32[attention_kernels._tile_family(capability)][d]
+        assert own and all((tiles[name]["BLOCK_M"], tiles[name]["BLOCK_N"], tiles[name]["num_warps"]) == tile[:3]
+                           for name, tile in own.items())
     mask = philox_keep(seed, B, H, L, p).to(device) & keep[:, None, None, :]
     ref = [t.double().requires_grad_() for t in (q, k, v, table)]
     _, probs = ops.conditional_attention(*ref[:3], ref[3], index, keep, return_probs=True)
@@ -596,6 +605,19 @@ def test_gpu_tiles_fit_the_head_dim_and_the_dropout_words(capability, d, monkeyp
     assert family == {9: "sm_90", 12: "99kb"}.get(capability[0], "99kb" if capability in ((8, 6), (8, 9)) else "sm_80")
     if family == "99kb" and d > 64:
         assert all(cfg["num_stages"] <= 2 for cfg in configs.values()), configs
+    # fp32 (TF32): twice the shared memory per stage; its own tiles where 16-bit ones do not fit or spill (the kernel
+    # report's --dtype fp32), never more stages or a larger tile; [queries, keys] dK/dV above d 64
+    fp32 = attention_kernels._configs_for(d, torch.float32, capability)
+    own = attention_kernels._TILES_FP32[family].get(max(64, configs["fwd"]["BLOCK_D"]), {})
+    for name, cfg in fp32.items():
+        tile = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])
+        base = configs[name]
+        assert tile == (own[name] if name in own else (base["BLOCK_M"], base["BLOCK_N"], base["num_warps"],
+                                                       base["num_stages"])), (name, cfg)
+        assert cfg["BLOCK_N"] % word == 0 and cfg["PRECISION"] == "tf32" and not cfg["UPCAST"], (name, cfg)
+        assert cfg["num_stages"] <= base["num_stages"] and (
+            cfg["BLOCK_M"] * cfg["BLOCK_N"] <= base["BLOCK_M"] * base["BLOCK_N"]), (name, cfg, base)
+    assert fp32["dkdv"]["KEYS_MAJOR"] == (capability[0] == 9 and d <= 64)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     interpreted = attention_kernels._configs_for(d, torch.float32, capability)
     assert all(cfg["BLOCK_M"] == cfg["BLOCK_N"] == 16 for cfg in interpreted.values())

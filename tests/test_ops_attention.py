@@ -236,3 +236,17 @@ def test_opcheck_multi_tile(device):
     args = (q, k, v, table, torch.tensor([1, 0], device=device), keep, 0.3, 0.0,
             draw_dropout_seed(0.0))
     torch.library.opcheck(_attention_fwd, args)
+
+
+def test_kernels_take_float32_head_dims_up_to_128_on_a_gpu_and_256_otherwise():
+    """fp32's tiles at d 256 do not fit a GPU's shared memory or spill (the kernel report's --dtype fp32), so the
+    dispatcher leaves float32 CUDA inputs above d 128 to the torch backend; 16-bit ones, and the interpreter on the
+    CPU, go up to 256."""
+    from camtl.ops.attention import _unsupported_by_kernels, kernel_head_dim_limit
+
+    assert kernel_head_dim_limit(torch.float32, "cuda") == 128
+    assert kernel_head_dim_limit(torch.bfloat16, "cuda") == kernel_head_dim_limit(torch.float16, "cuda") == 256
+    assert kernel_head_dim_limit(torch.float32, "cpu") == 256
+    q = torch.randn(1, 1, 4, 256)
+    assert _unsupported_by_kernels(q, q, None) is None
+    assert "up to 256, got 257" in _unsupported_by_kernels(torch.randn(1, 1, 4, 257), torch.randn(1, 1, 4, 257), None)

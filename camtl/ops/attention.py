@@ -267,9 +267,17 @@ def _unsupported_by_kernels(q, v, attn_mask) -> Optional[str]:
         return "the fused kernels need v's head dim equal to q's"
     if _checks.kernel_dtype(q) is not None:
         return _checks.kernel_dtype(q)
-    if q.shape[-1] > 256:
-        return f"the fused kernels take head dims up to 256, got {q.shape[-1]}"
+    limit = kernel_head_dim_limit(q.dtype, q.device.type)
+    if q.shape[-1] > limit:
+        return (f"the fused kernels take {'float32 (TF32) ' if limit < 256 else ''}head dims up to {limit}, "
+                f"got {q.shape[-1]}")
     return None
+
+
+def kernel_head_dim_limit(dtype: torch.dtype, device_type: str) -> int:
+    """The largest head dim the fused kernels take: 256, but 128 for float32 on a GPU, where d 256's tiles on TF32
+    do not fit a GPU's shared memory, or spill (`make kernel-report KERNEL_REPORT_ARGS='--dtype fp32 ...'`)."""
+    return 128 if dtype == torch.float32 and device_type == "cuda" else 256
 
 
 # ---- the fused (Triton) implementation, as torch.library ops ---------------------------------------------------

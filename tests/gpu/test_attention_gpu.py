@@ -7,7 +7,7 @@ import torch
 
 import camtl
 from camtl import ops
-from camtl_test_helpers import assert_close, bert_config
+from camtl_test_helpers import assert_close, bert_config, tf32_matmuls
 from test_kernels_attention import _kernel_attention, dkdv_on_the_other_layout, philox_keep
 
 CUDA = torch.device("cuda")
@@ -54,6 +54,39 @@ def test_head_dims_with_partial_tiles_match_torch_backend(d):
     """Each of sm_90's dK/dV tile families (32x64 on [keys, queries] at d 32, 16x64 at d 128, [queries, keys] at
     d 256) and the forward's and dQ's, at an odd length (L = 100: every pass runs a partial last tile), bf16."""
     compare_with_torch_backend(4, 4, 100, d, 100, torch.bfloat16)
+
+
+@pytest.mark.parametrize("d", [32, 64, 128])
+def test_float32_on_tf32_tensor_cores_matches_torch_backend(d):
+    """float32 with TF32 allowed runs the kernels on fp32's own tiles (_TILES_FP32: at d 128 the 16-bit tiles need
+    more shared memory per block than an H100 or A100 has, and the launch would fail), at an odd length with key
+    padding, against the torch backend in exact fp32, at fp16's tolerance (TF32 keeps a 10-bit mantissa)."""
+    tensors, index, keep = inputs(4, 4, 100, d, 100, torch.float32)
+    ref = [t.clone().requires_grad_() for t in tensors]
+    act = [t.clone().requires_grad_() for t in tensors]
+    grad = torch.randn(4, 4, 100, d, device=CUDA)
+    with tf32_matmuls(), camtl.use_backend("triton"):
+        out = ops.conditional_attention(*act, index, keep)
+        out.backward(grad)
+    with camtl.use_backend("torch"):
+        exp = ops.conditional_attention(*ref, index, keep)
+    exp.backward(grad)
+    assert_close(out, exp, torch.float16, "output")
+    for name, a, r in zip(("q", "k", "v", "table"), act, ref):
+        assert_close(a.grad, r.grad, torch.float16, f"grad of {name}")
+
+
+def test_float32_above_head_dim_128_is_left_to_the_torch_backend():
+    """At d 256, fp32's tiles do not fit or spill: the Triton backend refuses it by name, auto runs torch."""
+    tensors, index, keep = inputs(2, 2, 64, 256, 64, torch.float32)
+    with tf32_matmuls():
+        with camtl.use_backend("triton"), pytest.raises(camtl.BackendUnavailableError, match="up to 128"):
+            ops.conditional_attention(*tensors, index, keep)
+        with camtl.use_backend("auto"):
+            out = ops.conditional_attention(*tensors, index, keep)
+    with camtl.use_backend("torch"):
+        exp = ops.conditional_attention(*tensors, index, keep)
+    assert_close(out, exp, torch.float32)
 
 
 @pytest.mark.parametrize("dkdv", ["this GPU's layout", "the other layout"])
