@@ -61,7 +61,9 @@ Packed sequences thus pay for masks on one tile per sequence, not on every tile.
 Offsets: the base of each (b, h) slab (b·stride_b or the sequence's first
 token · stride_l, h·stride_h, the LSE / Δ rows) is int64, since B·H·L·d can
 pass 2^31; offsets inside one slab stay int32: they need L times the row
-stride below 2^31 (512 rows of stride under 2^22, BERT's by far).
+stride below 2^31 (512 rows of stride under 2^22, BERT's by far). A view
+whose slab passes it (rows far apart in its buffer) is copied compact first
+(int32_slab).
 
 Under TRITON_INTERPRET=1, bf16 operands are upcast before ``tl.dot`` (the
 interpreter's bf16 dot is wrong). HAS_BLOCK_BIAS=False compiles M out (and
@@ -912,6 +914,26 @@ def heads_per_program(B: int, H: int, L: int, block_m: int, device: torch.device
     return 1
 
 
+def int32_slab(t: torch.Tensor, rows: int, name: str) -> torch.Tensor:
+    """t, or a contiguous copy of it when an offset inside one (example or sequence, head) slab, (rows - 1)·(its
+    row stride) + (d - 1)·(its column stride), would pass 2^31 - 1: the kernels keep those offsets int32 (the slabs'
+    bases are int64). A view whose rows lie far apart in its buffer (a [L, B, H·d] sequence-first projection seen as
+    [B, H, L, d]) gets the copy; a slab that passes 2^31 even when compact is refused."""
+    row_dim = 0 if t.dim() == 3 else 2  # packed [N, H, d], padded [B, H, L, d]
+
+    def last_offset(x):
+        return (rows - 1) * x.stride(row_dim) + (x.shape[-1] - 1) * x.stride(-1)
+
+    if rows == 0 or t.numel() == 0 or last_offset(t) < 2**31:
+        return t
+    t = t.contiguous()
+    if last_offset(t) >= 2**31:
+        raise ValueError(f"conditional_attention: argument '{name}' {tuple(t.shape)}: one sequence and head spans "
+                         f"{last_offset(t) + 1} elements even when contiguous, past the 2^31 that the Triton kernels "
+                         f"address with int32 offsets; use the torch backend")
+    return t
+
+
 def _forward(q, k, v, table, index, key_mask, scale, dropout_p, seed, cu_seqlens=None, max_seqlen=None):
     """Padded (q [B, H, L, d]) or packed (q [N, H, d], cu_seqlens [S+1], max_seqlen): the forward's launches.
     Returns (out, lse, bias, mask, key_bias): the last four are what the backward reads again."""
@@ -925,6 +947,7 @@ def _forward(q, k, v, table, index, key_mask, scale, dropout_p, seed, cu_seqlens
         B, H, L, D = q.shape
         N_TOKENS = 0
         lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    q, k, v = (int32_slab(t, L, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
     cfg = _configs(q)["fwd"]
     word = _word()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -962,6 +985,7 @@ def _backward(dout, q, k, v, out, lse, bias, mask, table, index, key_bias, scale
     else:
         B, H, L, D = q.shape
         N_TOKENS = 0
+    q, k, v, dout = (int32_slab(t, L, name) for t, name in ((q, "q"), (k, "k"), (v, "v"), (dout, "grad of the output")))
     G, L_max, C = table.shape
     cfg = _configs(q)
     word = _word()

@@ -579,6 +579,38 @@ def test_int64_offsets_past_2_31_elements(device):
         assert torch.equal(g, w), f"{name} differs when the inputs sit past element 2^31"
 
 
+def test_rows_2_31_elements_apart_inside_one_slab(device):
+    """q, k, v and dout whose rows lie 2^27 elements apart in their buffer (so a slab's last row sits past element
+    2^31 of its start, as in a sequence-first projection at a large batch): the kernels take compact copies of
+    them (int32_slab), as their in-slab offsets are int32. Bitwise the results of compact copies; a slab too long
+    even when compact is refused by name."""
+    if device.type != "cpu":
+        pytest.skip("builds its > 2^31-element buffer in host memory")
+    B, H, L, d, step = 1, 2, 20, 16, 2**27
+    (q, k, v, table), index = make(B, H, L, d, 2, 24, 7, torch.float32, device)
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    dout = torch.randn(B, H, L, d).bfloat16()
+    scale = d ** -0.5
+    out, lse, bias, mask, _ = attention_kernels.attention_forward(q, k, v, table, index, None, scale, 0.1, 3)
+    want = (out, lse) + attention_kernels.attention_backward(dout, q, k, v, out, lse, bias, mask, table, index,
+                                                             None, scale, 0.1)
+    rows = far_apart([t.permute(2, 0, 1, 3).reshape(L, B * H * d) for t in (q, k, v, dout)], step)
+    sq, sk, sv, sdout = (r.view(L, B, H, d).permute(1, 2, 0, 3) for r in rows)
+    assert sq.stride(2) == step and (L - 1) * step >= 2**31
+    assert attention_kernels.int32_slab(sq, L, "q").is_contiguous()  # else the kernels would read wrapped offsets
+    got_out, got_lse, bias, mask, _ = attention_kernels.attention_forward(sq, sk, sv, table, index, None, scale,
+                                                                         0.1, 3)
+    got = (got_out, got_lse) + attention_kernels.attention_backward(sdout, sq, sk, sv, got_out, got_lse, bias, mask,
+                                                                    table, index, None, scale, 0.1)
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv", "dtable"), got, want):
+        assert torch.equal(g, w), f"{name} differs when a slab's rows lie 2^27 elements apart"
+    too_long = torch.empty(1, 1, 2**27 + 1, 16, device="meta")  # 2^31 + 16 elements in one slab, contiguous
+    with pytest.raises(ValueError, match="argument 'k'.*2\\^31"):
+        attention_kernels.int32_slab(too_long, 2**27 + 1, "k")
+    fits = torch.empty(1, 1, 2**27, 16, device="meta")
+    assert attention_kernels.int32_slab(fits, 2**27, "k") is fits
+
+
 @pytest.mark.parametrize("capability", [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)])
 @pytest.mark.parametrize("d", [8, 32, 64, 100, 128, 256])
 def test_gpu_tiles_fit_the_head_dim_and_the_dropout_words(capability, d, monkeypatch):

@@ -56,7 +56,7 @@ def test_head_dims_with_partial_tiles_match_torch_backend(d):
     compare_with_torch_backend(4, 4, 100, d, 100, torch.bfloat16)
 
 
-@pytest.mark.parametrize("d", [32, 64, 128])
+@pytest.mark.parametrize("d", [64, 128])  # BERT's head dim, and the one whose 16-bit tiles did not fit
 def test_float32_on_tf32_tensor_cores_matches_torch_backend(d):
     """float32 with TF32 allowed runs the kernels on fp32's own tiles (_TILES_FP32: at d 128 the 16-bit tiles need
     more shared memory per block than an H100 or A100 has, and the launch would fail), at an odd length with key
