@@ -985,7 +985,8 @@ def _backward(dout, q, k, v, out, lse, bias, mask, table, index, key_bias, scale
     else:
         B, H, L, D = q.shape
         N_TOKENS = 0
-    q, k, v, dout = (int32_slab(t, L, name) for t, name in ((q, "q"), (k, "k"), (v, "v"), (dout, "grad of the output")))
+    q, k, v, out, dout = (int32_slab(t, L, name) for t, name in ((q, "q"), (k, "k"), (v, "v"), (out, "out"),
+                                                                 (dout, "grad of the output")))
     G, L_max, C = table.shape
     cfg = _configs(q)
     word = _word()

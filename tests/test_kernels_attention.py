@@ -556,54 +556,56 @@ def far_apart(rows, step):
     return views
 
 
-def test_int64_offsets_past_2_31_elements(device):
-    """q, k, v, dout and out whose example b = 2 starts at element 2^31 of their buffer: with int32 base offsets
-    b·stride_b wraps around and the kernels read the wrong memory. Bitwise the results of compact copies."""
-    if device.type != "cpu":
-        pytest.skip("builds its > 2^31-element buffer in host memory")
-    B, H, L, d = 3, 2, 20, 16
-    (q, k, v, table), index = make(B, H, L, d, 2, 24, 7, torch.float32, device)
+def assert_far_apart_views_give_the_same_bits(B, H, L, place, where):
+    """The kernels' forward and backward (bf16, dropout) on the views of q, k, v, dout and out that place() lays
+    out in one far-reaching buffer give bitwise the results of the compact tensors."""
+    d = 16
+    (q, k, v, table), index = make(B, H, L, d, 2, 24, 7, torch.float32, "cpu")
     q, k, v = (t.bfloat16() for t in (q, k, v))
     dout = torch.randn(B, H, L, d).bfloat16()
     scale = d ** -0.5
     out, lse, bias, mask, _ = attention_kernels.attention_forward(q, k, v, table, index, None, scale, 0.1, 3)
     want = (out, lse) + attention_kernels.attention_backward(dout, q, k, v, out, lse, bias, mask, table, index,
                                                              None, scale, 0.1)
-    views = far_apart([t.reshape(B, H * L * d) for t in (q, k, v, dout, out)], 2**30)  # b = 2 starts at 2^31
-    hq, hk, hv, hdout, hout = (t.view(B, H, L, d) for t in views)
-    got_out, got_lse, bias, mask, _ = attention_kernels.attention_forward(hq, hk, hv, table, index, None, scale,
+    fq, fk, fv, fdout, fout = place(q, k, v, dout, out)
+    got_out, got_lse, bias, mask, _ = attention_kernels.attention_forward(fq, fk, fv, table, index, None, scale,
                                                                          0.1, 3)
-    got = (got_out, got_lse) + attention_kernels.attention_backward(hdout, hq, hk, hv, hout, got_lse, bias, mask,
+    got = (got_out, got_lse) + attention_kernels.attention_backward(fdout, fq, fk, fv, fout, got_lse, bias, mask,
                                                                     table, index, None, scale, 0.1)
     for name, g, w in zip(("out", "lse", "dq", "dk", "dv", "dtable"), got, want):
-        assert torch.equal(g, w), f"{name} differs when the inputs sit past element 2^31"
+        assert torch.equal(g, w), f"{name} differs when {where}"
+
+
+def test_int64_offsets_past_2_31_elements(device):
+    """q, k, v, dout and out whose example b = 2 starts at element 2^31 of their buffer: with int32 base offsets
+    b·stride_b wraps around and the kernels read the wrong memory."""
+    if device.type != "cpu":
+        pytest.skip("builds its > 2^31-element buffer in host memory")
+    B, H, L = 3, 2, 20
+
+    def place(*tensors):  # b = 2 starts at element 2^31
+        return [t.view(B, H, L, -1) for t in far_apart([t.reshape(B, -1) for t in tensors], 2**30)]
+
+    assert_far_apart_views_give_the_same_bits(B, H, L, place, "the inputs sit past element 2^31")
 
 
 def test_rows_2_31_elements_apart_inside_one_slab(device):
-    """q, k, v and dout whose rows lie 2^27 elements apart in their buffer (so a slab's last row sits past element
-    2^31 of its start, as in a sequence-first projection at a large batch): the kernels take compact copies of
-    them (int32_slab), as their in-slab offsets are int32. Bitwise the results of compact copies; a slab too long
-    even when compact is refused by name."""
+    """q, k, v, dout and out whose rows lie 2^27 elements apart in their buffer (so a slab's last row sits past
+    element 2^31 of its start, as in a sequence-first projection at a large batch): the kernels take compact copies
+    of them (int32_slab), as their in-slab offsets are int32. A slab too long even when compact is refused by
+    name."""
     if device.type != "cpu":
         pytest.skip("builds its > 2^31-element buffer in host memory")
-    B, H, L, d, step = 1, 2, 20, 16, 2**27
-    (q, k, v, table), index = make(B, H, L, d, 2, 24, 7, torch.float32, device)
-    q, k, v = (t.bfloat16() for t in (q, k, v))
-    dout = torch.randn(B, H, L, d).bfloat16()
-    scale = d ** -0.5
-    out, lse, bias, mask, _ = attention_kernels.attention_forward(q, k, v, table, index, None, scale, 0.1, 3)
-    want = (out, lse) + attention_kernels.attention_backward(dout, q, k, v, out, lse, bias, mask, table, index,
-                                                             None, scale, 0.1)
-    rows = far_apart([t.permute(2, 0, 1, 3).reshape(L, B * H * d) for t in (q, k, v, dout)], step)
-    sq, sk, sv, sdout = (r.view(L, B, H, d).permute(1, 2, 0, 3) for r in rows)
-    assert sq.stride(2) == step and (L - 1) * step >= 2**31
-    assert attention_kernels.int32_slab(sq, L, "q").is_contiguous()  # else the kernels would read wrapped offsets
-    got_out, got_lse, bias, mask, _ = attention_kernels.attention_forward(sq, sk, sv, table, index, None, scale,
-                                                                         0.1, 3)
-    got = (got_out, got_lse) + attention_kernels.attention_backward(sdout, sq, sk, sv, got_out, got_lse, bias, mask,
-                                                                    table, index, None, scale, 0.1)
-    for name, g, w in zip(("out", "lse", "dq", "dk", "dv", "dtable"), got, want):
-        assert torch.equal(g, w), f"{name} differs when a slab's rows lie 2^27 elements apart"
+    B, H, L, step = 1, 2, 20, 2**27
+
+    def place(*tensors):  # [B, H, L, d] views of [L, B, H, d] rows, 2^27 elements apart
+        rows = far_apart([t.permute(2, 0, 1, 3).reshape(L, -1) for t in tensors], step)
+        views = [r.view(L, B, H, -1).permute(1, 2, 0, 3) for r in rows]
+        assert views[0].stride(2) == step and (L - 1) * step >= 2**31
+        assert all(attention_kernels.int32_slab(v, L, "q").is_contiguous() for v in views)  # else wrapped offsets
+        return views
+
+    assert_far_apart_views_give_the_same_bits(B, H, L, place, "a slab's rows lie 2^27 elements apart")
     too_long = torch.empty(1, 1, 2**27 + 1, 16, device="meta")  # 2^31 + 16 elements in one slab, contiguous
     with pytest.raises(ValueError, match="argument 'k'.*2\\^31"):
         attention_kernels.int32_slab(too_long, 2**27 + 1, "k")
