@@ -224,6 +224,8 @@ def test_info_says_which_path_float32_cuda_takes(requested, allowed, path, tf32,
     assert fp32["path"] == path and fp32["ops"] == list(backends.TENSOR_CORE_OPS)
     if requested != "torch":
         assert ("torch allows TF32" if allowed else "torch does not allow TF32") in fp32["reason"]
+        if fp32["path"] == "TF32 tensor cores (triton)":  # above head dim 128, fp32 attention stays on torch
+            assert "up to head dim 128" in fp32["reason"]
     lines = text.splitlines()
     at = [i for i, row in enumerate(lines) if row.startswith("float32 CUDA")]
     assert at and lines[at[0]].endswith(f"run on: {path}") and fp32["reason"] in lines[at[0] + 1]

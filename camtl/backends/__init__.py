@@ -299,7 +299,8 @@ def float32_cuda_path() -> Tuple[str, str]:
             return "error", f"the triton backend is requested but cannot run: {missing}"
         return "torch backend", f"the triton backend cannot run: {missing}"
     if tf32_matmul_allowed():
-        return "TF32 tensor cores (triton)", f"torch allows TF32 for float32 matmuls ({_tf32_precision_setting()})"
+        return "TF32 tensor cores (triton)", (f"torch allows TF32 for float32 matmuls ({_tf32_precision_setting()}); "
+                                              f"conditional_attention up to head dim 128, the torch backend above")
     why = (f"torch does not allow TF32 for float32 matmuls ({_tf32_precision_setting()}); "
            f"set {_ALLOW_TF32} to run them on the Triton kernels' TF32 tensor cores")
     if requested == "triton":
