@@ -90,8 +90,13 @@ def _load_tile(ptr, offs_r, offs_c, stride_r, stride_c, r_ok, c_ok, MASK_R: tl.c
                UPCAST: tl.constexpr):
     """x[r, c] = ptr[offs_r[r]·stride_r + offs_c[c]·stride_c], 0 where r_ok[r] (if MASK_R) or c_ok[c] (if MASK_C)
     is false; fp32 if UPCAST. Each mask is compiled in only where a tile can cross the bound."""
-    return _load_at(ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c, r_ok, c_ok, MASK_R, MASK_C,
-                    UPCAST)
+    return _load_at(_tile_ptrs(ptr, offs_r, offs_c, stride_r, stride_c), r_ok, c_ok, MASK_R, MASK_C, UPCAST)
+
+
+@triton.jit
+def _tile_ptrs(ptr, offs_r, offs_c, stride_r, stride_c):
+    """The [R, C] tile of pointers ptr + offs_r[r]·stride_r + offs_c[c]·stride_c."""
+    return ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
 
 
 @triton.jit
@@ -354,8 +359,8 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
     # The K, V and bias tiles at key 0 as loop-invariant pointers, advanced by a scalar per key tile: one add per
     # loaded chunk (from rows' pointers and the tile's offsets, ptxas recomputed each chunk's address: 18
     # instructions more for the bias, 16 for K and V at d 64).
-    kT_tile = _slab(K, b, h, first, skb, skh, skl, VARLEN) + offs_d[:, None] * skd + offs_n_base[None, :] * skl
-    v_tile = _slab(V, b, h, first, svb, svh, svl, VARLEN) + offs_n_base[:, None] * svl + offs_d[None, :] * svd
+    kT_tile = _tile_ptrs(_slab(K, b, h, first, skb, skh, skl, VARLEN), offs_d, offs_n_base, skd, skl)
+    v_tile = _tile_ptrs(_slab(V, b, h, first, svb, svh, svl, VARLEN), offs_n_base, offs_d, svl, svd)
     bias_tile = BIAS + tl.load(INDEX + b).to(tl.int64) * LB * LS + (rows[:, None] * LS + offs_n_base[None, :])
     key_bias_row = KEY_BIAS + b.to(tl.int64) * skbb
     mask_rows = MASK + pid_bh.to(tl.int64) * LB * W + rows[:, None] * W
@@ -392,7 +397,7 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
         acc = acc * (1.0 / (1.0 - dropout_p))
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    o_ptrs = _slab(O, b, h, first, sob, soh, sol, VARLEN) + offs_m[:, None] * sol + offs_d[None, :] * sod
+    o_ptrs = _tile_ptrs(_slab(O, b, h, first, sob, soh, sol, VARLEN), offs_m, offs_d, sol, sod)
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
     lse_row = _row_stats(LSE, pid_bh, h, first, L, N_TOKENS, VARLEN)
     if EVEN_M and EVEN_D:
@@ -513,8 +518,8 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, DS_SUM, BIAS, INDEX, KEY_BIAS
             delta = delta * (1.0 - dropout_p)
         lse2 = tl.load(_row_stats(LSE, pid_bh, h, first, L, N_TOKENS, VARLEN) + offs_m, mask=row_ok,
                        other=float("inf")) * LOG2E
-        k_tile = _slab(K, b, h, first, skb, skh, skl, VARLEN) + offs_n_base[:, None] * skl + offs_d[None, :] * skd
-        v_tile = _slab(V, b, h, first, svb, svh, svl, VARLEN) + offs_n_base[:, None] * svl + offs_d[None, :] * svd
+        k_tile = _tile_ptrs(_slab(K, b, h, first, skb, skh, skl, VARLEN), offs_n_base, offs_d, skl, skd)
+        v_tile = _tile_ptrs(_slab(V, b, h, first, svb, svh, svl, VARLEN), offs_n_base, offs_d, svl, svd)
         mask_rows = MASK + pid_bh.to(tl.int64) * LB * W + rows[:, None] * W
         dq = accumulator_zeros(0, BLOCK_M, BLOCK_D, opaque_zero, WGMMA)
         if not EVEN_N:
@@ -528,7 +533,7 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, DS_SUM, BIAS, INDEX, KEY_BIAS
                           qk_scale, bias_tile, key_bias_row, mask_rows, ds_tile, skl, svl, hh == 0,
                           (n0 >= band_first) & (n0 < band_hi), HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT, False, EVEN_M,
                           EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
-        dq_ptrs = _slab(DQ, b, h, first, sgb, sgh, sgl, VARLEN) + offs_m[:, None] * sgl + offs_d[None, :] * sgd
+        dq_ptrs = _tile_ptrs(_slab(DQ, b, h, first, sgb, sgh, sgl, VARLEN), offs_m, offs_d, sgl, sgd)
         dq = (dq * (qk_scale * LN2 * dropout_scale)).to(DQ.dtype.element_ty)  # scale = qk_scale · ln 2
         if EVEN_M and EVEN_D:
             tl.store(dq_ptrs, dq)
@@ -660,8 +665,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, INDEX, KEY_BIAS, MAS
     key_bias = tl.zeros([BLOCK_N], tl.float32)
     if HAS_KEY_BIAS:
         key_bias = tl.load(KEY_BIAS + b.to(tl.int64) * skbb + offs_n, mask=n_ok, other=0.0) * LOG2E
-    q_tile = _slab(Q, b, h, first, sqb, sqh, sql, VARLEN) + offs_m_base[:, None] * sql + offs_d[None, :] * sqd
-    do_tile = _slab(DO, b, h, first, sdob, sdoh, sdol, VARLEN) + offs_m_base[:, None] * sdol + offs_d[None, :] * sdod
+    q_tile = _tile_ptrs(_slab(Q, b, h, first, sqb, sqh, sql, VARLEN), offs_m_base, offs_d, sql, sqd)
+    do_tile = _tile_ptrs(_slab(DO, b, h, first, sdob, sdoh, sdol, VARLEN), offs_m_base, offs_d, sdol, sdod)
     LSE_ROW = _row_stats(LSE, pid_bh, h, first, L, N_TOKENS, VARLEN)
     DELTA_ROW = _row_stats(DELTA, pid_bh, h, first, L, N_TOKENS, VARLEN)
     mask_base = MASK + pid_bh.to(tl.int64) * LB * W
