@@ -188,6 +188,13 @@ def _full(L, BLOCK: tl.constexpr, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _tail_bias_end(L, L_full, band_hi):
+    """Where the tail tile's bias ends: L if the tail (L_full .. L) meets the band, i.e. starts before band_hi;
+    else 0 (no bias at all)."""
+    return L * (L_full < band_hi).to(tl.int32)
+
+
+@triton.jit
 def _keep_bits(MASK_ROWS, n0, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, WORD: tl.constexpr):
     """The keep mask of a [BLOCK_R, BLOCK_N] tile from the bit mask rows (WORD bits per int32 word), as int32 0/1.
     The rows are padded to whole 64-key blocks of words (_mask_words), so a tile's words are always in them."""
@@ -373,8 +380,8 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
     L_full = _full(L, BLOCK_N, EVEN_N)
     band_first, band_hi, after = _loops(m0, L, C, BLOCK_M, BLOCK_N, HAS_BLOCK_BIAS)
     if not EVEN_N:
-        if L_full < L:  # the tail meets the band iff it starts before band_hi
-            bias_hi = L * (L_full < band_hi).to(tl.int32)
+        if L_full < L:
+            bias_hi = _tail_bias_end(L, L_full, band_hi)
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kT_tile, v_tile, L_full, offs_n_base, d_ok, L, qk_scale,
                                       opaque_zero, bias_tile, key_bias_row, mask_rows, bias_hi, skl, svl,
                                       HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT, True, EVEN_D, UPCAST,
@@ -677,8 +684,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, INDEX, KEY_BIAS, MAS
     L_full = _full(L, BLOCK_M, EVEN_M)
     band_first, band_hi, after = _loops(n0, L, C, BLOCK_N, BLOCK_M, HAS_BLOCK_BIAS)  # queries meeting these keys
     if not EVEN_M:
-        if L_full < L:  # the tail meets the band iff it starts before band_hi
-            bias_hi = L * (L_full < band_hi).to(tl.int32)
+        if L_full < L:
+            bias_hi = _tail_bias_end(L, L_full, band_hi)
             dk, dv = _dkdv_tile(dk, dv, k, v, q_tile, do_tile, L_full, offs_m_base, n0, d_ok, L,
                                 query_step, qk_scale, bias_cols, bias_tile, key_bias, LSE_ROW, DELTA_ROW, mask_base,
                                 dropout_p, bias_hi, sql, sdol, W, HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT,
