@@ -195,12 +195,33 @@ def _tail_bias_end(L, L_full, band_hi):
 
 
 @triton.jit
-def _keep_bits(MASK_ROWS, n0, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, WORD: tl.constexpr):
-    """The keep mask of a [BLOCK_R, BLOCK_N] tile from the bit mask rows (WORD bits per int32 word), as int32 0/1.
-    The rows are padded to whole 64-key blocks of words (_mask_words), so a tile's words are always in them."""
+def _dropped(x, MASK_ROWS, n0, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, WORD: tl.constexpr,
+             TRANS: tl.constexpr, INLINE_PTX: tl.constexpr):
+    """x (fp32) with its dropped scores zeroed: x[r, j] where bit j of the tile's keep mask is set, else 0. The
+    mask comes from the bit mask rows MASK_ROWS (WORD bits per int32 word; key j of the tile is bit (n0 + j) % WORD
+    of word (n0 + j) // WORD), padded to whole 64-key blocks of words (_mask_words), so a tile's words are always in
+    them. TRANS: x is the transposed tile [BLOCK_N, BLOCK_R] (dK/dV's [keys, queries] scores).
+
+    INLINE_PTX (the forward, on NVIDIA GPUs): one LOP3 (word & bit, into a predicate) and one select per score, in
+    PTX. Written as tl.where, triton 3.6's LLVM packs half of the forward's predicates into 16-bit masks and
+    unpacks them again: its loop was 40-45% longer with dropout (d 64: 488 instructions against 344; triton 3.9:
+    +21%). dQ and dK/dV compile to one LOP3 and one select per score from tl.where on both, and the PTX would cost
+    them registers (sm_90a dK/dV at d 64: a block per SM). The interpreter runs no PTX."""
     words = tl.load(MASK_ROWS + (n0 // WORD) + tl.arange(0, BLOCK_N // WORD)[None, :])
-    bits = (words[:, :, None] >> tl.arange(0, WORD)[None, None, :]) & 1
-    return tl.reshape(bits, [BLOCK_R, BLOCK_N])
+    if INLINE_PTX:
+        tl.static_assert(not TRANS, "the PTX select takes [rows, keys] tiles")
+        spread = tl.reshape(tl.broadcast_to(words[:, :, None], [BLOCK_R, BLOCK_N // WORD, WORD]), [BLOCK_R, BLOCK_N])
+        bit = tl.broadcast_to((1 << (tl.arange(0, BLOCK_N) % WORD))[None, :], [BLOCK_R, BLOCK_N])
+        kept = tl.inline_asm_elementwise(
+            "{ .reg .pred keep; .reg .b32 bit_on; and.b32 bit_on, $2, $3; setp.ne.b32 keep, bit_on, 0; "
+            "selp.b32 $0, $1, 0, keep; }",
+            "=r,r,r,r", [x.to(tl.int32, bitcast=True), spread, bit], dtype=tl.int32, is_pure=True, pack=1)
+        return kept.to(tl.float32, bitcast=True)
+    else:
+        keep = tl.reshape((words[:, :, None] >> tl.arange(0, WORD)[None, None, :]) & 1, [BLOCK_R, BLOCK_N]) != 0
+        if TRANS:
+            keep = tl.trans(keep)
+        return tl.where(keep, x, 0.0)
 
 
 @triton.jit
@@ -305,11 +326,11 @@ def _dropout_mask_kernel(MASK, CU_SEQLENS, H, L, LB, W, dropout_p, seed, BLOCK_M
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, kT_tile, v_tile, n0, offs_n_base, d_ok, L, qk_scale, opaque_zero,
+def _fwd_tile(acc, m_i, l_i, q, kT_tile, v_tile, n0, offs_n_base, d_ok, L, qk_scale,
               bias_tile, key_bias_row, mask_rows, bias_hi, skl, svl,
               WITH_BIAS: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, TAIL: tl.constexpr,
               EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, WORD: tl.constexpr):
+              BLOCK_N: tl.constexpr, WORD: tl.constexpr, INLINE_PTX: tl.constexpr):
     """One key tile of the online softmax, in base 2. A full tile (keys n0 .. n0 + BLOCK_N all < L) has no bounds
     mask; the tail (TAIL) masks its keys past L, and its bias past bias_hi (L on the band, else 0)."""
     offs_n = n0 + offs_n_base
@@ -332,8 +353,8 @@ def _fwd_tile(acc, m_i, l_i, q, kT_tile, v_tile, n0, offs_n_base, d_ok, L, qk_sc
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if DROPOUT:  # one FSEL per score: against a constant 0.0, LLVM would narrow the select to bf16 halves (PRMT)
-        p = tl.where(_keep_bits(mask_rows, n0, BLOCK_M, BLOCK_N, WORD) != 0, p, opaque_zero)
+    if DROPOUT:
+        p = _dropped(p, mask_rows, n0, BLOCK_M, BLOCK_N, WORD, False, INLINE_PTX)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
 
@@ -344,7 +365,7 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
                 H, L, LB, LS, C, D, W, N_TOKENS, qk_scale, dropout_p,
                 HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
                 EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WORD: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WORD: tl.constexpr, INLINE_PTX: tl.constexpr,
                 HAS_BLOCK_BIAS: tl.constexpr = True, VARLEN: tl.constexpr = False, WGMMA: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -375,7 +396,7 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
     # masked (-inf) so far; alpha = exp2(-FLT_MAX - m) = 0 on the first key, as exp2(-inf) would be.
     m_i = tl.full([BLOCK_M], -3.4028234663852886e38, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    opaque_zero = dropout_p * 0.0  # 0.0 that LLVM cannot fold (x·0 is NaN for x = inf): see _fwd_tile
+    opaque_zero = dropout_p * 0.0  # see accumulator_zeros
     acc = accumulator_zeros(0, BLOCK_M, BLOCK_D, opaque_zero, WGMMA)
     L_full = _full(L, BLOCK_N, EVEN_N)
     band_first, band_hi, after = _loops(m0, L, C, BLOCK_M, BLOCK_N, HAS_BLOCK_BIAS)
@@ -383,23 +404,23 @@ def _fwd_kernel(Q, K, V, O, LSE, BIAS, INDEX, KEY_BIAS, MASK, CU_SEQLENS,
         if L_full < L:
             bias_hi = _tail_bias_end(L, L_full, band_hi)
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kT_tile, v_tile, L_full, offs_n_base, d_ok, L, qk_scale,
-                                      opaque_zero, bias_tile, key_bias_row, mask_rows, bias_hi, skl, svl,
+                                      bias_tile, key_bias_row, mask_rows, bias_hi, skl, svl,
                                       HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT, True, EVEN_D, UPCAST,
-                                      PRECISION, BLOCK_M, BLOCK_N, WORD)
+                                      PRECISION, BLOCK_M, BLOCK_N, WORD, INLINE_PTX)
     # The full tiles off the band (before it, then after it) in one loop, then the band's tiles with their bias.
     before, band_end, skip, off_end = _off_band(band_first, band_hi, after, L_full, EVEN_N)
     for i in range(0, off_end, BLOCK_N):
         n0 = i + skip * (i >= before).to(tl.int32)
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kT_tile, v_tile, n0, offs_n_base, d_ok, L, qk_scale,
-                                  opaque_zero, bias_tile, key_bias_row, mask_rows, L, skl, svl,
+                                  bias_tile, key_bias_row, mask_rows, L, skl, svl,
                                   False, HAS_KEY_BIAS, DROPOUT, False, EVEN_D, UPCAST, PRECISION, BLOCK_M,
-                                  BLOCK_N, WORD)
+                                  BLOCK_N, WORD, INLINE_PTX)
     if HAS_BLOCK_BIAS:
         for n0 in range(band_first, band_end, BLOCK_N):
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kT_tile, v_tile, n0, offs_n_base, d_ok, L, qk_scale,
-                                      opaque_zero, bias_tile, key_bias_row, mask_rows, L, skl, svl,
+                                      bias_tile, key_bias_row, mask_rows, L, skl, svl,
                                       True, HAS_KEY_BIAS, DROPOUT, False, EVEN_D, UPCAST, PRECISION, BLOCK_M,
-                                      BLOCK_N, WORD)
+                                      BLOCK_N, WORD, INLINE_PTX)
     if DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
     empty = l_i == 0.0
@@ -422,7 +443,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_tile, v_tile, n0, offs_n_base, row_ok, d_
              key_bias_row, mask_rows, ds_tile, skl, svl, first_head, on_band,
              WITH_BIAS: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, TAIL: tl.constexpr,
              EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WORD: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WORD: tl.constexpr, INLINE_PTX: tl.constexpr):
     """One key tile of dQ; on a band tile, dS is added to the head sum DS_SUM. With dropout, dQ and dS come out
     divided by the dropout scale 1 / (1 - p) (delta is Δ·(1 - p)): the callers multiply it back once. Only the
     tail (TAIL) masks keys past L."""
@@ -448,7 +469,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_tile, v_tile, n0, offs_n_base, row_ok, d_
     p = tl.exp2(s)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     if DROPOUT:  # dS·(1 - p) = P ∘ (dP ∘ Z - Δ·(1 - p)): 1 / (1 - p) is applied once, to dQ and in dtable
-        dp = tl.where(_keep_bits(mask_rows, n0, BLOCK_M, BLOCK_N, WORD) != 0, dp, 0.0)
+        dp = _dropped(dp, mask_rows, n0, BLOCK_M, BLOCK_N, WORD, False, INLINE_PTX)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     if WITH_BIAS:
@@ -478,7 +499,7 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, DS_SUM, BIAS, INDEX, KEY_BIAS
                    H, L, LB, LS, C, D, W, N_TOKENS, qk_scale, dropout_p,
                    HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
                    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WORD: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WORD: tl.constexpr, INLINE_PTX: tl.constexpr,
                    HEADS_PER_PROGRAM: tl.constexpr, HAS_BLOCK_BIAS: tl.constexpr = True,
                    VARLEN: tl.constexpr = False, WGMMA: tl.constexpr = False):
     """dQ for a query tile of HEADS_PER_PROGRAM heads (group program_id(2)), one head after the other.
@@ -534,12 +555,12 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, DS_SUM, BIAS, INDEX, KEY_BIAS
                 dq = _dq_tile(dq, q, do, lse2, delta, k_tile, v_tile, L_full, offs_n_base, row_ok, d_ok, L,
                               qk_scale, bias_tile, key_bias_row, mask_rows, ds_tile, skl, svl, hh == 0,
                               (L_full >= band_first) & (L_full < band_hi), HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT,
-                              True, EVEN_M, EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
+                              True, EVEN_M, EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD, INLINE_PTX)
         for n0 in range(0, L_full, BLOCK_N):  # one loop, the band decided per tile: three loops spill here
             dq = _dq_tile(dq, q, do, lse2, delta, k_tile, v_tile, n0, offs_n_base, row_ok, d_ok, L,
                           qk_scale, bias_tile, key_bias_row, mask_rows, ds_tile, skl, svl, hh == 0,
                           (n0 >= band_first) & (n0 < band_hi), HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT, False, EVEN_M,
-                          EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD)
+                          EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD, INLINE_PTX)
         dq_ptrs = _tile_ptrs(_slab(DQ, b, h, first, sgb, sgh, sgl, VARLEN), offs_m, offs_d, sgl, sgd)
         dq = (dq * (qk_scale * LN2 * dropout_scale)).to(DQ.dtype.element_ty)  # scale = qk_scale · ln 2
         if EVEN_M and EVEN_D:
@@ -581,7 +602,7 @@ def _dkdv_tile(dk, dv, k, v, q_tile, do_tile, m0, offs_m_base, n0, d_ok, L, quer
                bias_cols, bias_tile, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p, bias_hi, sql, sdol, W,
                WITH_BIAS: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, TAIL: tl.constexpr,
                EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, WORD: tl.constexpr, KEYS_MAJOR: tl.constexpr):
+               BLOCK_N: tl.constexpr, WORD: tl.constexpr, KEYS_MAJOR: tl.constexpr, INLINE_PTX: tl.constexpr):
     """One query tile of dK and dV. A full tile (queries m0 .. m0 + BLOCK_M all < L) has no bounds mask; the tail
     (TAIL) masks its queries past L (lse = +inf there, so p = 0), and its bias past bias_hi (L on the band, else 0).
 
@@ -619,10 +640,8 @@ def _dkdv_tile(dk, dv, k, v, q_tile, do_tile, m0, offs_m_base, n0, d_ok, L, quer
     else:
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     if DROPOUT:  # dV and dK are scaled by 1 / (1 - p) once, after the loop (delta is Δ·(1 - p))
-        keep = _keep_bits(mask_base + rows[:, None] * W, n0, BLOCK_M, BLOCK_N, WORD) != 0
-        if KEYS_MAJOR:
-            keep = tl.trans(keep)
-        p_kept = tl.where(keep, p, 0.0)  # used in fp32 below too, so the select stays fp32 (no bf16 halves)
+        p_kept = _dropped(p, mask_base + rows[:, None] * W, n0, BLOCK_M, BLOCK_N, WORD, KEYS_MAJOR,
+                          INLINE_PTX)
         dv += _over_queries(p_kept.to(do.dtype), do, KEYS_MAJOR, PRECISION)
         ds = p_kept * dp - p * _query_axis(delta * (1.0 - dropout_p), KEYS_MAJOR)
     else:
@@ -639,7 +658,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, INDEX, KEY_BIAS, MAS
                      H, L, LB, LS, C, D, W, N_TOKENS, qk_scale, dropout_p,
                      HAS_KEY_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
                      EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WORD: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WORD: tl.constexpr, INLINE_PTX: tl.constexpr,
                      HAS_BLOCK_BIAS: tl.constexpr = True, VARLEN: tl.constexpr = False, WGMMA: tl.constexpr = False,
                      KEYS_MAJOR: tl.constexpr = False):
     """dK and dV for a key tile (EVEN_N: L a multiple of BLOCK_N), looping over every query tile (EVEN_M: of
@@ -689,7 +708,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, INDEX, KEY_BIAS, MAS
             dk, dv = _dkdv_tile(dk, dv, k, v, q_tile, do_tile, L_full, offs_m_base, n0, d_ok, L,
                                 query_step, qk_scale, bias_cols, bias_tile, key_bias, LSE_ROW, DELTA_ROW, mask_base,
                                 dropout_p, bias_hi, sql, sdol, W, HAS_BLOCK_BIAS, HAS_KEY_BIAS, DROPOUT,
-                                True, EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD, KEYS_MAJOR)
+                                True, EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, WORD, KEYS_MAJOR, INLINE_PTX)
     # The full query tiles off the band (before it, then after it) in one loop, then the band's, with their bias.
     before, band_end, skip, off_end = _off_band(band_first, band_hi, after, L_full, EVEN_M)
     for i in range(0, off_end, BLOCK_M):
@@ -697,13 +716,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, INDEX, KEY_BIAS, MAS
         dk, dv = _dkdv_tile(dk, dv, k, v, q_tile, do_tile, m0, offs_m_base, n0, d_ok, L, query_step,
                             qk_scale, bias_cols, bias_tile, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p, L,
                             sql, sdol, W, False, HAS_KEY_BIAS, DROPOUT, False, EVEN_D, UPCAST, PRECISION,
-                            BLOCK_M, BLOCK_N, WORD, KEYS_MAJOR)
+                            BLOCK_M, BLOCK_N, WORD, KEYS_MAJOR, INLINE_PTX)
     if HAS_BLOCK_BIAS:
         for m0 in range(band_first, band_end, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_tile, do_tile, m0, offs_m_base, n0, d_ok, L, query_step,
                                 qk_scale, bias_cols, bias_tile, key_bias, LSE_ROW, DELTA_ROW, mask_base, dropout_p,
                                 L, sql, sdol, W, True, HAS_KEY_BIAS, DROPOUT, False, EVEN_D, UPCAST,
-                                PRECISION, BLOCK_M, BLOCK_N, WORD, KEYS_MAJOR)
+                                PRECISION, BLOCK_M, BLOCK_N, WORD, KEYS_MAJOR, INLINE_PTX)
     dv = dv * dropout_scale  # 1 without dropout
     # DK and DV are contiguous and alike: one set of strides (sg*) serves both.
     grad_offs = offs_n[:, None] * sgl + offs_d[None, :] * sgd
@@ -798,7 +817,8 @@ def _configs(q: torch.Tensor):
 
 
 def _configs_for(d: int, dtype: torch.dtype, capability=None):
-    """{"fwd" | "dq" | "dkdv": dict(BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION, num_warps, num_stages, WGMMA)}.
+    """{"fwd" | "dq" | "dkdv": dict(BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION, num_warps, num_stages, WGMMA,
+    INLINE_PTX)}; dkdv adds KEYS_MAJOR, and a register budget (maxnreg) where the table gives one.
 
     capability is the GPU's (major, minor), or None under the interpreter, where every tile is 16x16 (the
     interpreter is slow: small tiles keep test shapes cheap).
@@ -818,7 +838,8 @@ def _configs_for(d: int, dtype: torch.dtype, capability=None):
     configs = {}
     for name, (m, n, w, stages, *maxnreg) in tiles.items():
         configs[name] = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=block_d, UPCAST=upcast, PRECISION=precision, num_warps=w,
-                             num_stages=stages, WGMMA=wgmma)
+                             num_stages=stages, WGMMA=wgmma,
+                             INLINE_PTX=name == "fwd" and not interpreted and torch.version.hip is None)
         if name == "dkdv":  # [keys, queries] score tiles on wgmma (_dkdv_tile) up to d 128, fp32 up to d 64 (at d 128
             # its tiles spill, as 16-bit ones do at d 256), and under the interpreter
             configs[name]["KEYS_MAJOR"] = interpreted or (wgmma and block_d <= (64 if dtype == torch.float32 else 128))

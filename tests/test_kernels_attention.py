@@ -483,16 +483,16 @@ def test_empty_inputs(B, L, device):
 
 def gpu_tiles_under_the_interpreter(monkeypatch, capability, tiles_of=torch.bfloat16) -> list:
     """Launch with the tiles, warps and layouts that a GPU of this capability gets for inputs of dtype tiles_of
-    (_TILES, _TILES_FP32), under the interpreter (its own dot flags, UPCAST and PRECISION): the shipped shapes run
-    here, not only the interpreter's 16x16 tiles. Returns the configurations handed out."""
+    (_TILES, _TILES_FP32), under the interpreter (its own dot flags, UPCAST and PRECISION, and no inline PTX): the
+    shipped shapes run here, not only the interpreter's 16x16 tiles. Returns the configurations handed out."""
     configs_for = attention_kernels._configs_for
 
     def on_gpu_tiles(interpreted, d, dtype, *args):
         with monkeypatch.context() as m:
             m.delenv("TRITON_INTERPRET")
             gpu = configs_for(d, tiles_of, capability)
-        return {name: dict(cfg, UPCAST=interpreted[name]["UPCAST"], PRECISION=interpreted[name]["PRECISION"])
-                for name, cfg in gpu.items()}
+        return {name: dict(cfg, UPCAST=interpreted[name]["UPCAST"], PRECISION=interpreted[name]["PRECISION"],
+                           INLINE_PTX=interpreted[name]["INLINE_PTX"]) for name, cfg in gpu.items()}
 
     return launch_configs(monkeypatch, on_gpu_tiles)
 
@@ -633,6 +633,8 @@ def test_gpu_tiles_fit_the_head_dim_and_the_dropout_words(capability, d, monkeyp
     # dK/dV's [keys, queries] score tiles, all four MMAs on wgmma: sm_90 up to d 128 (d 256's accumulators spill)
     assert configs["dkdv"]["KEYS_MAJOR"] == (capability[0] == 9 and d <= 128)
     assert all("KEYS_MAJOR" not in configs[name] for name in ("fwd", "dq"))
+    # the forward's dropout select in inline PTX (_dropped): triton 3.6's tl.where made its loop 40-45% longer
+    assert [name for name, cfg in configs.items() if cfg["INLINE_PTX"]] == ["fwd"]
     # GPUs with 99 KB of shared memory per block (sm_86, sm_89, sm_120) pipeline d > 64 in fewer stages: 3 stages of
     # [64, 128] tiles need 120-140 KB (sm_86 compiles, checked with the kernel report's compiler)
     family = attention_kernels._tile_family(capability)
@@ -656,3 +658,4 @@ def test_gpu_tiles_fit_the_head_dim_and_the_dropout_words(capability, d, monkeyp
     interpreted = attention_kernels._configs_for(d, torch.float32, capability)
     assert all(cfg["BLOCK_M"] == cfg["BLOCK_N"] == 16 for cfg in interpreted.values())
     assert interpreted["dkdv"]["KEYS_MAJOR"]  # the interpreter runs sm_90's layout; dkdv_on_the_other_layout the other
+    assert not any(cfg["INLINE_PTX"] for cfg in interpreted.values())  # the interpreter runs no PTX
