@@ -267,6 +267,11 @@ MUTANTS = [
            '                             INLINE_PTX=False)',
            "the forward's dropout select back on tl.where on GPUs (triton 3.6: its loop 40-45% longer with dropout)",
            T_ATTN_KERNEL + " -k gpu_tiles_fit"),
+    Mutant("A48", ATTN_KERNEL,
+           "            s += tl.load(key_bias_tile + n0)[None, :] * LOG2E",
+           "            s += tl.load(key_bias_tile)[None, :] * LOG2E",
+           "dQ: every full key tile takes the first tile's key bias",
+           T_ATTN_KERNEL + " -k key"),
     # ---- conditional layer norm ----
     Mutant("L3", LN_KERNEL,
            "rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, 1) / D + eps)",

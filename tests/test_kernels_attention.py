@@ -156,9 +156,10 @@ def test_padding(kind, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_float_key_bias_of_any_value_dtype_and_stride(dtype, device):
     """A float key bias with random values (not only 0 / -10000), in bf16 and as a strided view: the forward adds
-    it on the tensor cores as hi + lo (key_bias_operands), the backward as fp32; both match the reference."""
-    B, L = 3, 21
-    tensors, index = make(B, 2, L, 32, 2, 24, 6, dtype, device)
+    it on the tensor cores as hi + lo (key_bias_operands), the backward as fp32; both match the reference. L = 37:
+    two full 16-key tiles and a tail under the interpreter, so each full tile must read its own keys' bias."""
+    B, L = 3, 37
+    tensors, index = make(B, 2, L, 32, 2, 40, 6, dtype, device)
     # fp32 (exact products under the interpreter) checks hi + lo to 1e-5; in bf16 a peaked softmax alone puts the
     # table's gradient past 2e-2 (the kernels before this operand did the same), so the half types take milder biases.
     wide = torch.randn(B, 2 * L, device=device) * (3.0 if dtype == torch.float32 else 0.5)
