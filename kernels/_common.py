@@ -8,13 +8,30 @@ import functools
 import os
 from typing import Iterator, Optional, Tuple
 
+import numpy
 import torch
 import triton
 import triton.language as tl
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    _check_interpreter(triton.__version__, numpy.__version__)
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _check_interpreter(triton_version: str, numpy_version: str) -> None:
+    """Triton's interpreter before 3.7 reads a loop bound loaded from memory with int() of a 1-element array, which
+    numpy 2.4 refuses: the kernels would fail mid-launch with numpy's "only 0-dimensional arrays" TypeError."""
+    def major_minor(version):
+        return tuple(int(part) for part in version.split(".")[:2])
+
+    if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4):
+        raise RuntimeError(f"TRITON_INTERPRET=1: triton {triton_version}'s interpreter cannot run camtl's kernels "
+                           f"with numpy {numpy_version} (triton 3.7 fixed it): pip install 'numpy<2.4', or "
+                           f"triton >= 3.7")
 
 
 # Every launch asks for FMA contraction (a·b + c as one FFMA) itself: the kernels' instruction counts assume it
