@@ -88,9 +88,13 @@ def index_read_once(idx: Optional[torch.Tensor]):
     the block every op reads again, so a tensor changed between forwards is always checked afresh; one
     changed in place inside the block (a hook) bumps its version counter and is read again too.
     """
+    # Compiling: the ops check on the device. Asked first, as torch 2.11's dynamo cannot trace the thread-local.
+    if idx is None or torch.compiler.is_compiling():
+        yield
+        return
     ranges = _READ_RANGES.__dict__.setdefault("ranges", {})
     # Inference tensors have no version counter: they are read by every op.
-    if idx is None or id(idx) in ranges or torch.compiler.is_compiling() or idx.is_inference():
+    if id(idx) in ranges or idx.is_inference():
         yield
         return
     ranges[id(idx)] = (idx, None)  # read on first use: an op that does not need it costs nothing
